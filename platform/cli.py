@@ -1,0 +1,159 @@
+"""The ``ovdlab`` command: data preparation, evaluation, extraction, training, prediction.
+
+Each sub-command is a thin wrapper over a library function so that jobs, tests and
+the command line run the same code. Configs are validated (and fail naming the
+field) before any Ray work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from ovdlab.platform.config import ConfigError, ExperimentConfig, dump_yaml, load_config
+
+log = logging.getLogger("ovdlab")
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment YAML (path, or name under configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_iter=300")
+
+
+def _load(args: argparse.Namespace) -> ExperimentConfig:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    print(dump_yaml(cfg), end="")
+    print(f"# content hash: {cfg.content_hash()}")
+    return 0
+
+
+def cmd_data_shapes(args: argparse.Namespace) -> int:
+    from ovdlab.platform.config import ShapesConfig
+    from ovdlab.platform.data.shapes import generate_shapes
+
+    fields = {
+        "seed": args.seed,
+        "train_images": args.images,
+        "val_images": args.val_images,
+        "image_size": args.size,
+        "image_format": args.format,
+    }
+    if args.novel:
+        fields["novel"] = [name.strip() for name in args.novel.split(",") if name.strip()]
+    cfg = ShapesConfig(**{k: v for k, v in fields.items() if v is not None})
+    out = generate_shapes(Path(args.out), cfg)
+    print(f"shapes dataset ready in {out}")
+    return 0
+
+
+def cmd_data_coco(args: argparse.Namespace) -> int:
+    from ovdlab.platform.data.coco_ovd import convert_coco_ovd
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(args.instances_train, out / "ovd_ins_train2017_b.json", "train"),
+            (args.instances_val, out / "ovd_ins_val2017_all.json", "val")]
+    for src, dst, mode in jobs:
+        if src:
+            counts = convert_coco_ovd(Path(src), dst, mode=mode)
+            print(f"{mode}: {dst} {json.dumps(counts)}")
+    return 0
+
+
+def cmd_data_lvis(args: argparse.Namespace) -> int:
+    from ovdlab.platform.data.lvis_ovd import convert_lvis_ovd
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(args.train, out / "lvis_v1_train_fc.json", "train"), (args.val, out / "lvis_v1_val_ovd.json", "val")]
+    for src, dst, mode in jobs:
+        if src:
+            counts = convert_lvis_ovd(Path(src), dst, mode=mode)
+            print(f"{mode}: {dst} {json.dumps(counts)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ovdlab.platform.evaluation import evaluate
+    from ovdlab.platform.evaluation.tables import format_split_table
+
+    metrics = evaluate(args.kind, Path(args.dataset), Path(args.results))
+    print(format_split_table(metrics))
+    if args.log:
+        from ovdlab.platform.evaluation.reporting import log_evaluation
+
+        overrides = [f"dataset.kind={args.kind}"] + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+        cfg = load_config(args.config, overrides + list(args.overrides or []))
+        run_id = log_evaluation(cfg, metrics, run_name=args.run_name or f"eval-{Path(args.results).stem}")
+        print(f"logged to MLflow run {run_id}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovdlab", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved config and its content hash")
+    _config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    data = sub.add_parser("data", help="make datasets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("shapes", help="generate the synthetic shapes world")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--images", type=int, help="training images")
+    p.add_argument("--val-images", type=int)
+    p.add_argument("--size", type=int, help="image side in pixels")
+    p.add_argument("--format", choices=["png", "jpg"])
+    p.add_argument("--novel", help="comma-separated novel classes, e.g. 'red circle,green square'")
+    p.set_defaults(func=cmd_data_shapes)
+
+    p = data.add_parser("coco-ovd", help="convert COCO 2017 instances into the 48/17 OVD files")
+    p.add_argument("--instances-train", help="instances_train2017.json")
+    p.add_argument("--instances-val", help="instances_val2017.json")
+    p.add_argument("--out", required=True, help="folder for the converted files")
+    p.set_defaults(func=cmd_data_coco)
+
+    p = data.add_parser("lvis-ovd", help="convert LVIS v1 into base (f+c) training and tagged val files")
+    p.add_argument("--train", help="lvis_v1_train.json")
+    p.add_argument("--val", help="lvis_v1_val.json")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_data_lvis)
+
+    p = sub.add_parser("eval", help="evaluate a COCO results file with OVD splits")
+    p.add_argument("--dataset", required=True, help="annotation json with split-tagged categories")
+    p.add_argument("--results", required=True, help="COCO results json")
+    p.add_argument("--kind", choices=["coco", "lvis", "shapes"], default="coco")
+    p.add_argument("--log", action="store_true", help="log metrics and tables to MLflow")
+    p.add_argument("--config", default=None, help="experiment config for tracking settings")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--run-name", default=None)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides")
+    p.set_defaults(func=cmd_eval)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"ovdlab: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:
+        print(f"ovdlab: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,335 @@
+"""Typed experiment configuration: YAML composition, dotted overrides, content hash.
+
+A config file under ``configs/`` may list ``defaults`` (other config files, relative
+to the configs folder, without ``.yaml``); they are deep-merged in order and the file
+itself is merged last. Command-line overrides (``train.max_iter=300``) are applied on
+top, their values parsed as YAML scalars. Validation is strict (unknown keys are
+errors) and happens before any Ray work: :func:`load_config` raises
+:class:`ConfigError` naming the dotted field and, for choices, the allowed values.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the dotted field."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ShapesConfig(Section):
+    """Parameters of the synthetic ``shapes`` world (see ``ovdlab.platform.data.shapes``)."""
+
+    seed: int = 0
+    train_images: int = Field(800, ge=1)
+    val_images: int = Field(200, ge=1)
+    image_size: int = Field(128, ge=32)
+    image_format: Literal["png", "jpg"] = "png"
+    min_objects: int = Field(1, ge=1)
+    max_objects: int = Field(6, ge=1)
+    novel: list[str] = Field(default_factory=lambda: ["red circle", "green square", "blue triangle", "yellow cross"])
+
+    @model_validator(mode="after")
+    def _objects_range(self) -> "ShapesConfig":
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        return self
+
+
+class DatasetConfig(Section):
+    """A COCO-format OVD dataset: annotation files carry a ``split`` tag per category.
+
+    Relative paths are resolved against ``root``; a relative ``root`` against
+    ``work_dir``.
+    """
+
+    kind: Literal["shapes", "coco", "lvis"] = "shapes"
+    root: str = "data/shapes"
+    train_json: str = "annotations/train.json"
+    val_json: str = "annotations/val.json"
+    train_images: str = "images/train"
+    val_images: str = "images/val"
+    shapes: ShapesConfig | None = Field(default_factory=ShapesConfig)
+
+
+class TeacherConfig(Section):
+    """The CLIP teacher: an open_clip model by name, or ``shapes-tiny`` (pretrained here)."""
+
+    model: str = "shapes-tiny"
+    pretrained: str | None = None
+    weights: str | None = None
+    prompt: Literal["photo", "names", "vild"] = "photo"
+    ln_tuned: bool = False
+    batch_size: int = Field(256, ge=1)
+
+
+class ProposalsConfig(Section):
+    """Class-agnostic proposal source for distillation and retrieval."""
+
+    source: Literal["gt", "file", "clip", "rpn"] = "gt"
+    file: str | None = None
+    checkpoint: str | None = None
+    per_image: int = Field(100, ge=1)
+    nms_thresh: float = Field(0.7, gt=0, le=1)
+    anchor_stride: int = Field(32, ge=1)
+    anchor_sizes: list[int] = Field(default_factory=lambda: [32, 64, 128, 256, 512])
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    drop_base_iou: float | None = None
+    drop_base_argmax: bool = False
+
+    @model_validator(mode="after")
+    def _source_inputs(self) -> "ProposalsConfig":
+        if self.source == "file" and not self.file:
+            raise ValueError("source 'file' needs proposals.file")
+        return self
+
+
+class StoreConfig(Section):
+    """Region store written by the extraction pipeline."""
+
+    crop: Literal["plain", "1x+1.5x", "1.2x-square"] = "plain"
+    rows_per_part: int = Field(512, ge=1)
+
+
+class ModelConfig(Section):
+    """Two-stage detector built from torchvision parts."""
+
+    backbone: Literal["resnet18", "resnet50"] = "resnet18"
+    neck: Literal["fpn", "c4"] = "fpn"
+    backbone_weights: str | None = None
+    trainable_layers: int = Field(3, ge=0, le=5)
+    fpn_channels: int = Field(64, ge=8)
+    min_size: int = Field(128, ge=32)
+    max_size: int = Field(128, ge=32)
+    rpn_pre_nms_top_n: int = Field(600, ge=1)
+    rpn_post_nms_top_n: int = Field(300, ge=1)
+    rpn_batch_size_per_image: int = Field(128, ge=1)
+    roi_batch_size_per_image: int = Field(128, ge=1)
+    representation_size: int = Field(256, ge=8)
+    embed_dim: int | None = None
+
+
+class MethodConfig(Section):
+    """Which method plugin runs and its loss knobs (see ``methods/``)."""
+
+    name: Literal["vild-text", "vild", "lp-ovod", "ezsd", "cliff"] = "vild-text"
+    temperature: float = Field(0.01, gt=0)
+    distill_weight: float = Field(0.0, ge=0)
+    learn_temperature: bool = False
+
+
+class TrainConfig(Section):
+    """Optimisation schedule; the loop itself is the platform's."""
+
+    max_iter: int = Field(300, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.02, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    schedule: Literal["step", "cosine"] = "step"
+    steps: list[int] = Field(default_factory=lambda: [200, 260])
+    gamma: float = Field(0.1, gt=0)
+    warmup_iters: int = Field(50, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_period: int = Field(0, ge=0)
+    checkpoint_period: int = Field(100, ge=1)
+    amp: bool = True
+    loader_workers: int = Field(0, ge=0)
+
+
+class EvalConfig(Section):
+    """Inference settings for evaluation and prediction."""
+
+    score_thresh: float = Field(0.001, ge=0, le=1)
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    detections_per_image: int = Field(100, ge=1)
+    batch_size: int = Field(8, ge=1)
+    vis_images: int = Field(8, ge=0)
+
+
+class TrackingConfig(Section):
+    """MLflow tracking; ``uri`` None means a SQLite file in the work dir."""
+
+    enabled: bool = True
+    uri: str | None = None
+    experiment: str | None = None
+    run_name: str | None = None
+
+
+class RayConfig(Section):
+    """Resources; fractional CPUs keep a 2-core machine from deadlocking."""
+
+    address: str | None = None
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    actor_cpus: float = Field(0.5, gt=0)
+    actor_gpus: float = Field(0.0, ge=0)
+    actor_pool_size: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class ExperimentConfig(Section):
+    """A whole experiment: what every job, CLI command and sweep trial receives."""
+
+    name: str = "experiment"
+    work_dir: str = "work"
+    seed: int = 0
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    proposals: ProposalsConfig = Field(default_factory=ProposalsConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def work_path(self, *parts: str) -> Path:
+        """A path under ``work_dir`` (absolute, so Ray workers agree on it)."""
+        return Path(self.work_dir).expanduser().resolve().joinpath(*parts)
+
+    def dataset_root(self) -> Path:
+        root = Path(self.dataset.root).expanduser()
+        return root if root.is_absolute() else self.work_path(str(root))
+
+    def content_hash(self) -> str:
+        """Stable hash of the resolved config (12 hex digits)."""
+        return content_key(self.model_dump(mode="json"))
+
+
+def content_key(*parts: Any) -> str:
+    """Hash of JSON-serialisable parts; identical inputs give identical keys."""
+    blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Recursively merge ``top`` into a copy of ``base``; mappings merge, others replace."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_config_path(name: str | Path, relative_to: Path) -> Path:
+    path = Path(name)
+    candidates = [path] if path.suffix in {".yaml", ".yml"} else [path.with_suffix(".yaml")]
+    for cand in candidates:
+        for base in (Path.cwd(), relative_to, CONFIGS_DIR, CONFIGS_DIR / "experiments"):
+            full = cand if cand.is_absolute() else base / cand
+            if full.is_file():
+                return full.resolve()
+    raise ConfigError(f"config file not found: {name} (looked in the current folder, {CONFIGS_DIR} and its experiments/)")
+
+
+def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML config with its ``defaults`` merged in, not yet validated."""
+    full = _resolve_config_path(path, CONFIGS_DIR)
+    if full in _seen:
+        raise ConfigError(f"config defaults form a cycle: {' -> '.join(map(str, _seen + (full,)))}")
+    try:
+        data = yaml.safe_load(full.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{full}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{full}: top level must be a mapping")
+    defaults = data.pop("defaults", []) or []
+    merged: dict[str, Any] = {}
+    for item in defaults:
+        merged = deep_merge(merged, load_raw(item, _seen + (full,)))
+    return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_iter=300"`` -> (["train", "max_iter"], 300)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like dotted.key=value")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty field name")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted overrides to a raw config dict (validation comes after)."""
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown field")
+        else:
+            lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw dict into an :class:`ExperimentConfig` or raise :class:`ConfigError`."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load, compose, override and validate; ``path`` None starts from the defaults."""
+    raw = load_raw(path) if path is not None else {}
+    return build_config(apply_overrides(raw, list(overrides or [])))
+
+
+def dump_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML, as logged with every run."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
