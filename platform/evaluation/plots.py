@@ -1,0 +1,159 @@
+"""Evaluation figures: per-class AP bars, PR curves per split, detection pictures.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never through
+pyplot, so they work headless on Ray workers whatever the global backend and are not
+kept alive by pyplot's figure registry. Every function returns the Figure and, given
+``path``, also writes it as a PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+from ovdlab.platform.evaluation.coco_eval import SplitMetrics
+from ovdlab.platform.evaluation.common import SPLITS, ClassAP
+from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
+
+Metrics = SplitMetrics | LVISMetrics
+SPLIT_COLORS = {"base": "#1f77b4", "novel": "#d62728"}
+MAX_TICK_LABELS = 80
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _finish(fig: Figure, path: Path | str | None) -> Figure:
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, format="png")
+    return fig
+
+
+def per_class_ap_bar(
+    metrics: Metrics, path: Path | str | None = None, value: Literal["ap50", "ap"] | None = None
+) -> Figure:
+    """Bar per class, novel classes in a different colour, sorted by split then AP.
+
+    ``value`` defaults to the benchmark's per-class number: AP50 for COCO-OVD, AP
+    for LVIS. Classes without ground truth get no bar and an "(no gt)" label.
+    """
+    value = value or ("ap" if isinstance(metrics, LVISMetrics) else "ap50")
+    rows = sorted(
+        metrics.per_class,
+        key=lambda c: (
+            SPLITS.index(c.split) if c.split in SPLITS else len(SPLITS),
+            -np.nan_to_num(getattr(c, value), nan=-1.0),
+            c.category_id,
+        ),
+    )
+    n = len(rows)
+    fig = _new_figure(min(max(6.0, 0.28 * n + 1.5), 40.0), 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    heights = [0.0 if math.isnan(getattr(c, value)) else getattr(c, value) for c in rows]
+    ax.bar(range(n), heights, color=[SPLIT_COLORS.get(c.split, "gray") for c in rows], width=0.8)
+    if n <= MAX_TICK_LABELS:
+        labels = [c.name + (" (no gt)" if math.isnan(getattr(c, value)) else "") for c in rows]
+        ax.set_xticks(range(n), labels, rotation=90, fontsize=7)
+    else:
+        ax.set_xticks([])
+        ax.set_xlabel(f"{n} classes")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("AP50 (%)" if value == "ap50" else "AP (%)")
+    ax.legend(handles=[Patch(color=SPLIT_COLORS[s], label=s) for s in SPLITS], loc="upper right")
+    ax.set_title(f"Per-class {'AP50' if value == 'ap50' else 'AP'}")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def pr_curves(metrics: Metrics, path: Path | str | None = None) -> Figure:
+    """Precision-recall at IoU 0.5, one panel per split: thin line per class, bold mean.
+
+    The curves are the interpolated precision COCOeval/LVISEval stored for the run
+    (``metrics.pr``); the mean over a split's classes integrates to its AP50.
+    """
+    if not metrics.pr:
+        raise ValueError("metrics carry no precision curves (metrics.pr is empty)")
+    recall = metrics.recall_thresholds
+    splits = [s for s in SPLITS if any(c.split == s for c in metrics.per_class)]
+    fig = _new_figure(5.0 * len(splits), 4.2)
+    for i, split in enumerate(splits, start=1):
+        ax = fig.add_subplot(1, len(splits), i)
+        classes: list[ClassAP] = [c for c in metrics.per_class if c.split == split and c.category_id in metrics.pr]
+        curves = [metrics.pr[c.category_id] for c in classes if not np.all(np.isnan(metrics.pr[c.category_id]))]
+        for curve in curves:
+            ax.plot(recall, curve, color=SPLIT_COLORS[split], alpha=0.25, linewidth=0.8)
+        if curves:
+            mean = np.mean(np.stack(curves), axis=0)
+            ax.plot(recall, mean, color=SPLIT_COLORS[split], linewidth=2.5, label=f"mean, AP50 {100 * mean.mean():.1f}")
+            ax.legend(loc="lower left")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_title(f"{split}: {len(curves)} classes with gt")
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def _check_image(img: Any, index: int) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise ValueError(f"image {index} must be an HxWx3 uint8 array, got shape {arr.shape} dtype {arr.dtype}")
+    return arr
+
+
+def detection_grid(
+    images: Sequence[np.ndarray],
+    detections: Sequence[Sequence[dict[str, Any]]],
+    ncols: int = 4,
+    path: Path | str | None = None,
+    titles: Sequence[str] | None = None,
+) -> Figure:
+    """Images in a grid with their detections, base and novel in different colours.
+
+    ``detections[i]`` are image i's boxes as dicts with ``bbox`` (xywh, pixels),
+    ``score``, ``name`` and ``split``; each box is labelled "name score".
+    """
+    if len(images) != len(detections):
+        raise ValueError(f"detection_grid got {len(images)} images but {len(detections)} detection lists")
+    if titles is not None and len(titles) != len(images):
+        raise ValueError(f"detection_grid got {len(images)} images but {len(titles)} titles")
+    if ncols < 1:
+        raise ValueError(f"ncols must be >= 1, got {ncols}")
+    arrays = [_check_image(img, i) for i, img in enumerate(images)]
+    n = max(len(arrays), 1)
+    ncols = min(ncols, n)
+    nrows = math.ceil(n / ncols)
+    fig = _new_figure(3.2 * ncols, 3.2 * nrows + 0.4)
+    for i, (img, dets) in enumerate(zip(arrays, detections)):
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.imshow(img)
+        ax.set_axis_off()
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=8)
+        for j, det in enumerate(dets):
+            missing = [k for k in ("bbox", "score", "name", "split") if k not in det]
+            if missing:
+                raise ValueError(f"detection {j} of image {i} has no {', '.join(missing)}")
+            x, y, w, h = (float(v) for v in det["bbox"])
+            color = SPLIT_COLORS.get(det["split"], "gray")
+            ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.5))
+            ax.text(
+                x, y, f"{det['name']} {float(det['score']):.2f}", color="white", fontsize=6, va="bottom",
+                bbox={"facecolor": color, "alpha": 0.8, "pad": 1, "edgecolor": "none"}, clip_on=True,
+            )
+    fig.legend(handles=[Patch(color=SPLIT_COLORS[s], label=s) for s in SPLITS], loc="lower center", ncol=len(SPLITS))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _finish(fig, path)

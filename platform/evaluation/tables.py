@@ -1,0 +1,75 @@
+"""Plain-text and CSV per-class AP tables (logged as run artifacts).
+
+Rows are grouped novel first, then base, each by category id, so the classes a
+method is judged on come first. Undefined AP (no ground truth) prints as ``n/a`` in
+the text table and ``nan`` in the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+
+from ovdlab.platform.evaluation.coco_eval import SplitMetrics
+from ovdlab.platform.evaluation.common import SPLITS, ClassAP
+from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
+
+Metrics = SplitMetrics | LVISMetrics
+CSV_COLUMNS = ("category_id", "name", "split", "frequency", "ap50", "ap", "num_gt", "num_dets")
+
+
+def _ordered(per_class: list[ClassAP]) -> list[ClassAP]:
+    return sorted(per_class, key=lambda c: (SPLITS.index(c.split) if c.split in SPLITS else len(SPLITS), c.category_id))
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.1f}"
+
+
+def summary_line(metrics: Metrics) -> str:
+    """One line with the headline numbers and how many classes had no ground truth."""
+    if isinstance(metrics, LVISMetrics):
+        head = f"AP {_fmt(metrics.ap)} | APr {_fmt(metrics.apr)} | APc {_fmt(metrics.apc)} | APf {_fmt(metrics.apf)}"
+    else:
+        head = (
+            f"AP50 novel {_fmt(metrics.ap50_novel)} | base {_fmt(metrics.ap50_base)} | "
+            f"all {_fmt(metrics.ap50_all)} | AP {_fmt(metrics.ap)}"
+        )
+    counts = {s: sum(c.split == s for c in metrics.per_class) for s in SPLITS}
+    tail = f"{len(metrics.per_class)} classes ({counts['novel']} novel, {counts['base']} base), {metrics.max_dets} dets/image"
+    if metrics.classes_without_gt:
+        names = {c.category_id: c.name for c in metrics.per_class}
+        missing = ", ".join(names[i] for i in metrics.classes_without_gt)
+        tail += f"; no ground truth (excluded): {missing}"
+    return f"{head}  [{tail}]"
+
+
+def format_split_table(metrics: Metrics) -> str:
+    """Summary line, then one row per class: id, name, split (and LVIS frequency), AP50, AP, counts."""
+    lvis = isinstance(metrics, LVISMetrics)
+    header = ["id", "name", "split"] + (["freq"] if lvis else []) + ["AP50", "AP", "#gt", "#dets"]
+    rows = [
+        [str(c.category_id), c.name, c.split]
+        + ([c.frequency or ""] if lvis else [])
+        + [_fmt(c.ap50), _fmt(c.ap), str(c.num_gt), str(c.num_dets)]
+        for c in _ordered(metrics.per_class)
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    text_cols = {1, 2, 3} if lvis else {1, 2}
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i in text_cols else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([summary_line(metrics), "", line(header), rule, *(line(r) for r in rows)]) + "\n"
+
+
+def per_class_csv(metrics: Metrics) -> str:
+    """The per-class table as CSV (header ``CSV_COLUMNS``; frequency empty for COCO)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for c in _ordered(metrics.per_class):
+        writer.writerow([c.category_id, c.name, c.split, c.frequency or "", repr(c.ap50), repr(c.ap), c.num_gt, c.num_dets])
+    return buf.getvalue()
