@@ -116,6 +116,11 @@ class ModelConfig(Section):
     fpn_channels: int = Field(64, ge=8)
     min_size: int = Field(128, ge=32)
     max_size: int = Field(128, ge=32)
+    anchor_sizes: list[int] = Field(
+        default_factory=lambda: [32, 64, 128, 256, 512], min_length=5, max_length=5,
+        description="one anchor size per FPN level (P2..P6); C4 puts all five on res4",
+    )
+    anchor_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0], min_length=1)
     rpn_pre_nms_top_n: int = Field(600, ge=1)
     rpn_post_nms_top_n: int = Field(300, ge=1)
     rpn_batch_size_per_image: int = Field(128, ge=1)

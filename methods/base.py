@@ -1,0 +1,103 @@
+"""The Method protocol: the part of the RoI head that differs between OVD methods.
+
+The platform's detector (``ovdlab.platform.detector``) owns the backbone, RPN, RoI
+pooling, box head and class-agnostic box regression. For every batch of regions it
+hands the pooled ``[R, in_features]`` box-head features to the method, which turns them
+into embeddings (``build_head`` / ``forward_head``), logits against the frozen text bank
+(``logits``), training losses (``losses``) and inference probabilities (``scores``).
+
+A method is a plain object, not an ``nn.Module``: its trainable state lives in the
+module returned by :meth:`Method.build_head`, which the detector registers as its
+``method_head`` so the parameters train, checkpoint and move across devices with the
+detector. The method object itself holds only configuration.
+
+Label convention everywhere: ``0`` = background, ``k + 1`` = vocabulary index ``k``;
+logits have ``1 + C`` columns with column 0 the background, scores have ``C``.
+A head output named ``embedding`` (``[R, D]``), when present, is the region embedding
+the detector reports with each detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ovdlab.platform.config import MethodConfig
+
+
+@dataclass
+class DistillOutputs:
+    """Distillation regions of a batch, after the same pooling/box head/method head as RoIs.
+
+    ``head_out`` holds the method head's outputs for the ``M`` distillation boxes of the
+    whole batch (images concatenated in order); ``targets`` are the teacher's (CLIP)
+    embeddings of those boxes ``[M, D]``, ``weights`` a per-box weight ``[M]`` (1 unless
+    the region store carries e.g. a teacher confidence) and ``image_index`` the batch
+    index of the image each box came from ``[M]``.
+    """
+
+    head_out: dict[str, Tensor]
+    targets: Tensor
+    weights: Tensor
+    image_index: Tensor
+
+    @property
+    def num_boxes(self) -> int:
+        return int(self.targets.shape[0])
+
+
+class Method:
+    """Base class of every method plugin; subclasses override the abstract hooks.
+
+    ``distills`` tells the detector whether to pool the distillation boxes at all
+    (``False`` spares the extra RoI work of methods that ignore them).
+    """
+
+    name: str = "method"
+    distills: bool = False
+
+    def __init__(self, cfg: MethodConfig) -> None:
+        self.cfg = cfg
+
+    def build_head(self, in_features: int, embed_dim: int) -> nn.Module:
+        """The trainable classification part: region feature ``[R, in_features]`` -> outputs."""
+        raise NotImplementedError(f"{type(self).__name__}.build_head")
+
+    def forward_head(self, head: nn.Module, features: Tensor) -> dict[str, Tensor]:
+        """Run the head on box-head features; every output is row-aligned with ``features``."""
+        return head(features)
+
+    def logits(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
+        """``[R, 1 + C]`` classification logits, column 0 = background."""
+        raise NotImplementedError(f"{type(self).__name__}.logits")
+
+    def losses(
+        self,
+        head: nn.Module,
+        head_out: dict[str, Tensor],
+        labels: Tensor,
+        text: Tensor,
+        distill: DistillOutputs | None,
+    ) -> dict[str, Tensor]:
+        """Training losses of the sampled RoIs (``labels`` [R]) and the distillation regions."""
+        raise NotImplementedError(f"{type(self).__name__}.losses")
+
+    def scores(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
+        """``[R, C]`` per-class probabilities used at inference (no background column)."""
+        raise NotImplementedError(f"{type(self).__name__}.scores")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, cfg={self.cfg!r})"
+
+
+def anchor_to_graph(*tensors: Tensor) -> Tensor:
+    """A zero that depends on ``tensors``: a loss with nothing to average stays in the graph.
+
+    Distributed data parallel expects every parameter to receive a gradient each step;
+    a batch without distillation boxes must still produce a (zero) loss through the head.
+    """
+    total = tensors[0].sum() * 0.0
+    for tensor in tensors[1:]:
+        total = total + tensor.sum() * 0.0
+    return total
