@@ -138,7 +138,71 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted config overrides")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("train", help="train and evaluate one method through Ray Train (rerun to resume)")
+    _config_args(p)
+    p.add_argument("--stop-at", type=int, default=None, help="end this fit after that step; rerun to continue")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="detect an arbitrary vocabulary in an image with a trained checkpoint")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder written by training")
+    source.add_argument("--run", help="MLflow run id of a training run (its best checkpoint)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--vocab", required=True, help="comma-separated class names, e.g. 'red circle,purple star'")
+    p.add_argument("--out", required=True, help="folder for detections.json and detections.png")
+    p.add_argument("--score-thresh", type=float, default=None, help="drop boxes below this score (default 0.3)")
+    p.add_argument("--config", default=None, help="with --run: experiment config naming the tracking store")
+    p.add_argument("--tracking-uri", default=None)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("extract", help="fill the region store (proposals + teacher embeddings) with Ray Data; rerun to resume")
+    _config_args(p)
+    p.add_argument("--split", choices=["train", "val"], default="train")
+    p.set_defaults(func=cmd_extract)
+
     return parser
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from ovdlab.platform.pipelines.extract import run_extraction
+
+    summary = run_extraction(_load(args), args.split)
+    print(summary.format())
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ovdlab.platform.evaluation.tables import format_split_table
+    from ovdlab.platform.train.trainer import train
+
+    cfg = _load(args)
+    result = train(cfg, stop_at=args.stop_at)
+    if result.metrics is None:
+        print(f"run {result.run_name} stopped at step {result.step}/{cfg.train.max_iter}; rerun the same command to continue")
+    else:
+        print(format_split_table(result.metrics))
+        print(f"best checkpoint (step {result.best_step}): {result.best_checkpoint}")
+        print(f"COCO results: {result.results_path}")
+    print(f"MLflow: {result.tracking_uri} experiment {result.experiment!r} run {result.mlflow_run_id}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ovdlab.platform.predict import DEFAULT_SCORE_THRESH, Predictor, parse_vocab, save_outputs
+
+    vocab = parse_vocab(args.vocab)
+    if args.checkpoint:
+        predictor = Predictor.from_checkpoint(args.checkpoint)
+    else:
+        overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+        predictor = Predictor.from_mlflow_run(args.run, load_config(args.config, overrides))
+    thresh = DEFAULT_SCORE_THRESH if args.score_thresh is None else args.score_thresh
+    detections = predictor.predict(args.image, vocab, score_thresh=thresh)
+    json_path, png_path = save_outputs(detections, args.image, args.out, seen=predictor.train_classes)
+    for det in detections:
+        print(f"{det['label']:>20s} {det['score']:.3f} {det['box']}")
+    print(f"{len(detections)} detection(s): {json_path}, {png_path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

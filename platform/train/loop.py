@@ -1,0 +1,486 @@
+"""The one training loop every method shares, run by each Ray Train worker.
+
+Methods customise training only through their plugin (the RoI head's classifier and
+losses, ``methods/``); the loop is the platform's: data, optimisation, mixed
+precision, gradient clipping, periodic evaluation, checkpoints, resume and logging.
+
+Per step (the torchvision detection references' ``train_one_epoch``): a batch of
+resized, flipped images with base-class targets (and stored distillation regions when
+the method distills) -> ``model(images, targets)`` -> the sum of the loss dict ->
+backward under ``torch.autocast`` with a ``GradScaler`` on GPU -> optional gradient-norm
+clipping -> optimizer and per-iteration LR scheduler step.
+
+Every ``eval_period`` steps and at the end, rank 0 evaluates on the validation split
+with the full vocabulary (base + novel) while the other ranks wait at the report.
+Every ``checkpoint_period`` steps, at each evaluation and at the end, the state is
+reported to Ray Train (``ray.train.report``, a barrier every rank reaches the same
+number of times) with a checkpoint written by rank 0 only; the checkpoint's metrics
+carry the selection metric (novel AP50, or APr on LVIS; ``NOT_EVALUATED`` = -1 when
+not evaluated at that step) by which Ray Train keeps the best one. A restarted worker group (Ray's
+``FailureConfig`` retries) or a rerun of the same run name finds the latest
+checkpoint in ``ray.train.get_checkpoint()`` and continues from its step.
+
+Losses of every step go to MLflow from rank 0 only, batched every ``LOG_PERIOD``
+steps, into the job's single run (the tracker handed over by the driver already has
+it open). The same loop runs in-process (:class:`LocalSession`) for benchmarks and
+debugging.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import torch
+from mlflow.entities import Metric
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ovdlab.methods.registry import build_method
+from ovdlab.platform.config import ExperimentConfig, build_config
+from ovdlab.platform.data.catalog import OVDDataset, load_dataset
+from ovdlab.platform.data.images import ImageDecodeError
+from ovdlab.platform.detector.data import DetectionDataset, collate_fn, targets_to
+from ovdlab.platform.detector.model import OVDDetector, build_detector
+from ovdlab.platform.tracking import Tracker
+from ovdlab.platform.train.checkpoint import (
+    load_model_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+)
+from ovdlab.platform.train.evaluate import evaluate_model, selection_metric
+from ovdlab.platform.train.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+LOG_PERIOD = 20
+"""Steps between MLflow writes (each write carries every step's losses)."""
+UNTIMED_STEPS = 3
+"""First steps of a (re)started loop left out of the throughput figures (allocator, caches)."""
+MAX_BAD_IMAGES_IN_A_ROW = 16
+NOT_EVALUATED = -1.0
+"""Selection metric of a checkpoint saved without evaluation: below every AP, and finite
+(Ray Train persists the checkpoint metrics as JSON, where NaN does not survive a restore)."""
+
+
+@dataclass
+class LoopArgs:
+    """What the driver hands every worker (``train_loop_config`` of the TorchTrainer).
+
+    ``text_path``: a ``torch.save`` file with the training and evaluation text banks
+    (``{"train": {"names", "class_ids", "embeddings"}, "eval": {...}}``) prepared on the
+    driver. ``store_path``: the region store with distillation targets, or None.
+    ``tracker``: the driver's tracker with the job's run open (rank 0 logs into it).
+    ``stop_at``: end this fit after that step's checkpoint (a job with a time slot; a
+    run already past it does nothing); rerunning without it continues from there.
+    """
+
+    cfg: dict[str, Any]
+    text_path: str
+    store_path: str | None = None
+    tracker: Tracker | None = None
+    stop_at: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "LoopArgs":
+        return cls(**data)
+
+
+@dataclass
+class LoopSummary:
+    """What one run of the loop did (returned in-process; reported to Ray as metrics)."""
+
+    start_step: int
+    end_step: int
+    losses: list[float] = field(default_factory=list)
+    timed_steps: int = 0
+    step_seconds: float = 0.0
+    data_seconds: float = 0.0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.timed_steps / self.step_seconds if self.step_seconds > 0 else float("nan")
+
+    @property
+    def data_fraction(self) -> float:
+        return self.data_seconds / self.step_seconds if self.step_seconds > 0 else float("nan")
+
+
+class Session(Protocol):
+    """Where the loop runs: rank, device, checkpoints to resume from, reporting."""
+
+    rank: int
+    world_size: int
+
+    def device(self, cfg: ExperimentConfig) -> torch.device: ...
+
+    def prepare_model(self, model: nn.Module) -> nn.Module: ...
+
+    def checkpoint(self) -> Any: ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None: ...
+
+
+class RaySession:
+    """A Ray Train worker: ``ray.train`` context, DDP through ``prepare_model``."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+
+    def device(self, cfg: ExperimentConfig) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    @contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+            return
+        with ckpt.as_directory() as directory:
+            yield Path(directory)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """The loop run plainly in this process: one rank, checkpoints kept under ``storage``.
+
+    Checkpoints are folders ``storage/checkpoint_<step>``; the latest is resumed from,
+    as Ray Train does for a rerun of the same run name.
+    """
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, storage: Path | str) -> None:
+        self.storage = Path(storage)
+        self.reports: list[dict[str, Any]] = []
+
+    def device(self, cfg: ExperimentConfig) -> torch.device:
+        return torch.device("cuda" if cfg.ray.use_gpu and torch.cuda.is_available() else "cpu")
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def latest(self) -> Path | None:
+        found = sorted(self.storage.glob("checkpoint_*"), key=lambda p: int(p.name.split("_")[-1]))
+        return found[-1] if found else None
+
+    @contextmanager
+    def checkpoint(self) -> Iterator[Path | None]:
+        yield self.latest()
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:
+        self.reports.append(dict(metrics))
+        if checkpoint_dir is not None:
+            dest = self.storage / f"checkpoint_{int(metrics['step']):07d}"
+            if dest.exists():
+                shutil.rmtree(dest)
+            shutil.copytree(checkpoint_dir, dest)
+
+
+class _SkipUndecodable(Dataset):
+    """Training items; an image that cannot be decoded is logged and replaced by the next.
+
+    The replacement keeps batches full and every rank's step count equal (DDP needs
+    both); a run of undecodable files longer than ``MAX_BAD_IMAGES_IN_A_ROW`` means a
+    broken dataset and raises, naming the last file.
+    """
+
+    def __init__(self, inner: DetectionDataset) -> None:
+        self.inner = inner
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, idx: int) -> Any:
+        last: ImageDecodeError | None = None
+        for offset in range(MAX_BAD_IMAGES_IN_A_ROW):
+            try:
+                return self.inner[(idx + offset) % len(self.inner)]
+            except ImageDecodeError as err:
+                log.warning("training skips an undecodable image: %s", err)
+                last = err
+        raise RuntimeError(f"{MAX_BAD_IMAGES_IN_A_ROW} undecodable training images in a row; last: {last}")
+
+
+def load_text_banks(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The ``{"train": ..., "eval": ...}`` banks written by the driver (see :class:`LoopArgs`)."""
+    banks = torch.load(Path(path), map_location="cpu", weights_only=True)
+    for split in ("train", "eval"):
+        if split not in banks or "embeddings" not in banks[split]:
+            raise ValueError(f"{path}: text bank file lacks the {split!r} bank")
+    return banks
+
+
+def build_model(cfg: ExperimentConfig, embed_dim: int) -> OVDDetector:
+    """The detector with the configured method's head (vocabulary not yet set)."""
+    return build_detector(cfg.model, build_method(cfg.method), embed_dim)
+
+
+def _train_loader(
+    cfg: ExperimentConfig, dataset: OVDDataset, class_ids: list[int], store_path: str | None, session: Session
+) -> tuple[DataLoader, DistributedSampler]:
+    store = None
+    if store_path is not None:
+        from ovdlab.platform.store.reader import RegionStore
+
+        store = RegionStore(store_path)
+    data = DetectionDataset(dataset, class_ids, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size, store=store)
+    if cfg.train.batch_size % session.world_size:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} (the total over workers) is not divisible by "
+            f"ray.num_workers={session.world_size}"
+        )
+    per_worker = cfg.train.batch_size // session.world_size
+    if len(data) < per_worker * session.world_size:
+        raise ValueError(f"{dataset.ann_json} has {len(data)} images, fewer than one batch of {cfg.train.batch_size}")
+    sampler = DistributedSampler(
+        data, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=cfg.seed, drop_last=True
+    )
+    workers = cfg.train.loader_workers
+    loader = DataLoader(
+        _SkipUndecodable(data),
+        batch_size=per_worker,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_fn,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available() and cfg.ray.use_gpu,
+        persistent_workers=workers > 0,
+    )
+    return loader, sampler
+
+
+def _batches(loader: DataLoader, sampler: DistributedSampler, epoch: int) -> Iterator[Any]:
+    """Endless batches, reshuffled every epoch (``set_epoch`` as DistributedSampler asks)."""
+    while True:
+        sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _amp(cfg: ExperimentConfig, device: torch.device) -> bool:
+    """Mixed precision on GPU only: float16 autocast with a ``GradScaler``, as the torchvision
+    detection references' ``--amp`` (float16 keeps more mantissa than bfloat16 for box
+    coordinates in the hundreds of pixels)."""
+    return cfg.train.amp and device.type == "cuda"
+
+
+def _log_losses(tracker: Tracker | None, rows: list[tuple[int, dict[str, float]]]) -> None:
+    """Every buffered step's losses in one MLflow write (rank 0's tracker only)."""
+    if tracker is None or not tracker.enabled or not rows or tracker.active_run_id is None:
+        return
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"train/{k}", v, now, step) for step, values in rows for k, v in values.items()]
+    tracker.client.log_batch(tracker.active_run_id, metrics=metrics)
+
+
+def _unwrap(model: nn.Module) -> OVDDetector:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
+
+
+def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
+    """Train from the latest checkpoint (or scratch) to ``train.max_iter`` (see module doc)."""
+    cfg = build_config(args.cfg)
+    tcfg = cfg.train
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    torch.manual_seed(cfg.seed + session.rank)
+    device = session.device(cfg)
+    rank0 = session.rank == 0
+    tracker = args.tracker if rank0 else None
+    metric_name = selection_metric(cfg.dataset.kind)
+
+    banks = load_text_banks(args.text_path)
+    train_text = banks["train"]["embeddings"].float()
+    raw = build_model(cfg, int(train_text.shape[1]))
+    raw.set_vocabulary(train_text)
+    meta = {
+        "embed_dim": int(train_text.shape[1]),
+        "train_classes": list(banks["train"]["names"]),
+        "eval_classes": list(banks["eval"]["names"]),
+        "teacher_id": str(banks.get("teacher_id", "")),
+        "teacher_digest": str(banks.get("teacher_digest", "")),
+    }
+
+    trainer_state: dict[str, Any] | None = None
+    with session.checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            raw.load_state_dict(load_model_checkpoint(ckpt_dir, cfg=cfg).state_dict)
+            trainer_state = load_trainer_state(ckpt_dir)
+    raw.to(device)
+    model = session.prepare_model(raw)
+    optimizer = build_optimizer(raw, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg)
+    use_amp = _amp(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    start = 0
+    if trainer_state is not None:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
+        scaler.load_state_dict(trainer_state["scaler"])
+        start = int(trainer_state["step"])
+        log.info("rank %d resumes at step %d", session.rank, start)
+    summary = LoopSummary(start_step=start, end_step=start)
+    end = tcfg.max_iter if args.stop_at is None else min(args.stop_at, tcfg.max_iter)
+    if start >= end:
+        return summary
+
+    train_set = load_dataset(cfg, "train")
+    base_ids = [int(i) for i in banks["train"]["class_ids"]]
+    loader, sampler = _train_loader(cfg, train_set, base_ids, args.store_path, session)
+    val_set = load_dataset(cfg, "val") if rank0 else None
+    eval_text = banks["eval"]["embeddings"].float()
+
+    batches = _batches(loader, sampler, epoch=start // max(1, len(loader)))
+    params = [p for p in raw.parameters() if p.requires_grad]
+    pending: list[tuple[int, dict[str, torch.Tensor]]] = []
+    model.train()
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        images, targets = next(batches)
+        images = [im.to(device, non_blocking=True) for im in images]
+        targets = targets_to(targets, device)
+        t_data = time.perf_counter() - t0
+        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            loss_dict = model(images, targets)
+        loss = sum(loss_dict.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tcfg.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        done = step + 1
+        if step - start >= UNTIMED_STEPS:
+            summary.timed_steps += 1
+            summary.step_seconds += time.perf_counter() - t0
+            summary.data_seconds += t_data
+        record = {k: v.detach() for k, v in loss_dict.items()}
+        record["total_loss"] = loss.detach()
+        record["lr"] = torch.tensor(lr)
+        pending.append((done, record))
+
+        evaluate_now = done == tcfg.max_iter or (tcfg.eval_period > 0 and done % tcfg.eval_period == 0)
+        save_now = evaluate_now or done % tcfg.checkpoint_period == 0 or done == end
+        if done % LOG_PERIOD == 0 or save_now:
+            rows = _flush(pending, summary)
+            pending = []
+            _log_losses(tracker, rows)
+            log.info("step %d/%d: loss %.4f lr %.5f", done, tcfg.max_iter, rows[-1][1]["total_loss"], lr)
+        if save_now:
+            metrics: dict[str, Any] = {"step": done, metric_name: NOT_EVALUATED}
+            results = None
+            if evaluate_now and rank0 and val_set is not None:
+                out = evaluate_model(cfg, _unwrap(model), val_set, eval_text, progress=False)
+                results = out.results
+                metrics.update(out.metrics.as_dict())
+                summary.last_metrics = out.metrics.as_dict()
+                if tracker is not None:
+                    tracker.log_metrics({f"val/{k}": v for k, v in out.metrics.as_dict().items()}, step=done)
+                log.info("step %d: %s", done, json.dumps(out.metrics.as_dict()))
+            metrics.update(
+                {"steps_per_second": summary.steps_per_second, "data_fraction": summary.data_fraction, "loss": summary.losses[-1]}
+            )
+            metrics = _finite(metrics, metric_name)
+            _checkpoint_and_report(session, cfg, raw, meta, optimizer, scheduler, scaler, done, metrics, results)
+            summary.end_step = done
+    return summary
+
+
+def _finite(metrics: dict[str, Any], metric_name: str) -> dict[str, Any]:
+    """Metrics safe to persist: NaN (an AP without ground truth, no timed step yet) does
+    not survive Ray Train's JSON round trip, so it is dropped, and an undefined selection
+    metric becomes ``NOT_EVALUATED``."""
+    out = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+    out.setdefault(metric_name, NOT_EVALUATED)
+    return out
+
+
+def _flush(pending: list[tuple[int, dict[str, torch.Tensor]]], summary: LoopSummary) -> list[tuple[int, dict[str, float]]]:
+    """Buffered step records as floats (one device sync per flush); raise on a non-finite
+    loss, naming the step and every loss term (detectron2's ``FloatingPointError`` check,
+    made at each flush instead of each step to spare the device syncs)."""
+    rows = [(step, {k: float(v) for k, v in values.items()}) for step, values in pending]
+    for step, values in rows:
+        if not math.isfinite(values["total_loss"]):
+            raise FloatingPointError(f"loss became {values['total_loss']} at step {step}: {values}")
+        summary.losses.append(values["total_loss"])
+    return rows
+
+
+def _checkpoint_and_report(
+    session: Session,
+    cfg: ExperimentConfig,
+    raw: OVDDetector,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    step: int,
+    metrics: dict[str, Any],
+    results: list[dict[str, Any]] | None,
+) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (Ray Train's report is a barrier)."""
+    if session.rank != 0:
+        session.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="ovdlab-ckpt-") as tmp:
+        save_checkpoint(
+            Path(tmp),
+            cfg,
+            {k: v.detach().cpu() for k, v in raw.state_dict().items()},
+            {**meta, "step": step},
+            trainer_state={
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "step": step,
+            },
+            results=results,
+            metrics={k: float(v) for k, v in metrics.items()},
+        )
+        session.report(metrics, Path(tmp))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The ``TorchTrainer`` entry point: :func:`run_loop` in the worker's Ray Train session."""
+    run_loop(LoopArgs.from_dict(config), RaySession())
+
+
+def run_in_process(args: LoopArgs, storage: Path | str) -> tuple[LoopSummary, LocalSession]:
+    """:func:`run_loop` in this process, checkpoints under ``storage`` (benchmarks, debugging)."""
+    session = LocalSession(storage)
+    return run_loop(args, session), session

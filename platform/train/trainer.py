@@ -1,0 +1,317 @@
+"""Training jobs: data, teacher and text banks on the driver, the loop on Ray Train workers.
+
+:func:`train` is one method's training and evaluation, as ``ovdlab train`` and the jobs
+run it:
+
+1. On the driver: the dataset (the shapes world is generated when missing), the
+   teacher (``shapes-tiny`` pretrained once), the text banks -- base classes for
+   training, every class for evaluation, under the method's prompt recipe, cached in
+   the work dir -- and, for a method that distills, the region store
+   (:func:`~ovdlab.platform.pipelines.extract.run_extraction`).
+2. One MLflow run for the job (:func:`~ovdlab.platform.tracking.tracker_from_config`):
+   created on the first fit, its id written beside the Ray run
+   (``<work_dir>/runs/<run name>/ovdlab_run.json``) and reopened by every rerun, so a
+   resumed job never makes a second run. Params = the resolved config.
+3. ``TorchTrainer(train_loop_per_worker)`` with ``ScalingConfig`` from ``ray.*``
+   (workers, GPU per worker, CPUs per worker), ``RunConfig(storage_path=<work_dir>/runs,
+   name=<run name>)``, ``CheckpointConfig`` keeping the best checkpoint by the
+   selection metric (plus the latest, which Ray Train always keeps), and
+   ``FailureConfig(max_failures)``: a failed worker group restarts from the latest
+   checkpoint. Rerunning with the same run name and storage path resumes the same way.
+4. The best checkpoint's stored validation results are scored again on the driver and
+   logged with the per-class table, plots and detection pictures
+   (:func:`~ovdlab.platform.evaluation.reporting.log_evaluation`); its weights and
+   config are logged as the run's ``checkpoint/`` artifacts for ``ovdlab predict --run``.
+
+The run name is ``tracking.run_name`` or ``<name>-<config hash>``: rerunning an
+unchanged config resumes it; a changed config is a new run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
+from ovdlab.platform.data.images import load_image
+from ovdlab.platform.evaluation import evaluate
+from ovdlab.platform.evaluation.coco_eval import SplitMetrics
+from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
+from ovdlab.platform.evaluation.reporting import grid_detections, log_evaluation
+from ovdlab.platform.teacher.loading import Teacher
+from ovdlab.platform.tracking import Tracker, tracker_from_config
+from ovdlab.platform.train.checkpoint import CONFIG_FILE, MODEL_FILE, RESULTS_FILE, load_results
+from ovdlab.platform.train.evaluate import selection_metric
+from ovdlab.platform.train.loop import NOT_EVALUATED, LoopArgs, LoopSummary, run_in_process, train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = "runs"
+RUN_INFO = "ovdlab_run.json"
+TEXT_BANKS = "text_banks.pt"
+DEFAULT_MAX_FAILURES = 2
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train`.
+
+    ``completed`` is False when the fit stopped before ``train.max_iter`` (``stop_at``);
+    ``metrics`` are the best checkpoint's validation metrics (None when not completed),
+    ``results_path`` its COCO results file.
+    """
+
+    run_name: str
+    run_dir: Path
+    mlflow_run_id: str | None
+    tracking_uri: str
+    experiment: str
+    completed: bool
+    step: int
+    best_checkpoint: Path | None
+    best_step: int | None
+    metrics: SplitMetrics | LVISMetrics | None
+    results_path: Path | None
+
+
+@dataclass
+class Prepared:
+    """Inputs of the loop made on the driver."""
+
+    text_path: Path
+    store_path: Path | None
+    train_classes: list[str]
+    eval_classes: list[str]
+
+
+def run_name_for(cfg: ExperimentConfig) -> str:
+    """``tracking.run_name`` or ``<name>-<config hash>`` (an unchanged config resumes)."""
+    return cfg.tracking.run_name or f"{cfg.name}-{cfg.content_hash()}"
+
+
+def run_dir_for(cfg: ExperimentConfig) -> Path:
+    """Where Ray Train keeps this run's checkpoints: ``<work_dir>/runs/<run name>``."""
+    return cfg.work_path(RUNS_DIR, run_name_for(cfg))
+
+
+def load_training_teacher(cfg: ExperimentConfig, device: str = "cpu") -> Teacher:
+    """The configured teacher; ``shapes-tiny`` is pretrained once on the shapes world first."""
+    from ovdlab.platform.pipelines.extract import teacher_checkpoint
+    from ovdlab.platform.teacher.loading import load_teacher
+
+    return load_teacher(cfg.teacher, cfg.work_path(), device, checkpoint=teacher_checkpoint(cfg))
+
+
+def _bank_entry(teacher: Teacher, dataset: OVDDataset, ids: list[int], recipe: str, cache: Path) -> dict[str, Any]:
+    from ovdlab.platform.teacher.prompts import cached_text_bank
+
+    names_by_id = {int(c["id"]): str(c["name"]) for c in dataset.categories}
+    names = [names_by_id[i] for i in ids]
+    bank = cached_text_bank(teacher, names, recipe, cache)
+    return {"names": names, "class_ids": list(ids), "embeddings": bank.embeddings.float().contiguous()}
+
+
+def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
+    """Dataset, teacher, text banks (written to ``run_dir/text_banks.pt``), region store."""
+    from ovdlab.methods.registry import build_method
+
+    ensure_dataset(cfg)
+    train_set, val_set = load_dataset(cfg, "train"), load_dataset(cfg, "val")
+    if not train_set.base_ids:
+        raise ValueError(f"{train_set.ann_json} has no base categories to train on")
+    teacher = load_training_teacher(cfg)
+    cache = cfg.work_path("text_banks")
+    recipe = cfg.teacher.prompt
+    banks = {
+        "train": _bank_entry(teacher, train_set, list(train_set.base_ids), recipe, cache),
+        "eval": _bank_entry(teacher, val_set, list(val_set.category_ids), recipe, cache),
+        "teacher_id": teacher.teacher_id,
+        "teacher_digest": teacher.digest,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    text_path = run_dir / TEXT_BANKS
+    torch.save(banks, text_path)
+    store_path = None
+    if build_method(cfg.method).distills and cfg.method.distill_weight > 0:
+        from ovdlab.platform.pipelines.extract import run_extraction
+
+        store_path = run_extraction(cfg, "train").store
+    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"])
+
+
+def ensure_ray(cfg: ExperimentConfig) -> None:
+    """Connect to ``ray.address`` (or the cluster a ``ray job submit`` set), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, include_dashboard=False, configure_logging=False)
+
+
+def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_failures: int = DEFAULT_MAX_FAILURES):
+    """The ``TorchTrainer`` of a run: scaling from ``ray.*``, best-by-selection-metric checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = 1.0
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=args.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.ray.num_workers, use_gpu=cfg.ray.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=str(cfg.work_path(RUNS_DIR)),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1,
+                checkpoint_score_attribute=selection_metric(cfg.dataset.kind),
+                checkpoint_score_order="max",
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+        ),
+    )
+
+
+def _read_run_info(run_dir: Path, cfg: ExperimentConfig) -> dict[str, Any]:
+    path = run_dir / RUN_INFO
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text())
+    if info.get("config_hash") != cfg.content_hash():
+        raise ValueError(
+            f"run {run_dir.name!r} in {run_dir.parent} was started with config hash {info.get('config_hash')}, "
+            f"this config hashes to {cfg.content_hash()}; resuming would mix two configs. "
+            f"Give this config another tracking.run_name (or restore the original config)."
+        )
+    return info
+
+
+def _write_run_info(run_dir: Path, cfg: ExperimentConfig, tracker: Tracker, run_id: str | None) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    info = {"config_hash": cfg.content_hash(), "mlflow_run_id": run_id, "tracking_uri": tracker.uri,
+            "experiment": tracker.experiment}
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
+
+
+def _best(result: Any, metric: str) -> tuple[Path | None, dict[str, Any]]:
+    """The kept evaluated checkpoint with the highest ``metric`` (else the latest one)."""
+    best_path, best_metrics, best_value = None, {}, -math.inf
+    for checkpoint, metrics in getattr(result, "best_checkpoints", None) or []:
+        value = metrics.get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > NOT_EVALUATED and value > best_value:
+            best_path, best_metrics, best_value = Path(checkpoint.path), metrics, value
+    if best_path is None and result.checkpoint is not None:
+        best_path, best_metrics = Path(result.checkpoint.path), dict(result.metrics or {})
+    return best_path, best_metrics
+
+
+def _vis_images(dataset: OVDDataset, count: int) -> tuple[list[int], list[Any]]:
+    ids, images = [], []
+    for image_id in dataset.image_ids:
+        if len(ids) >= count:
+            break
+        try:
+            images.append(load_image(dataset.image_path(image_id)))
+        except ValueError as err:
+            log.warning("detection picture skips image %s: %s", image_id, err)
+            continue
+        ids.append(image_id)
+    return ids, images
+
+
+def report_checkpoint(
+    cfg: ExperimentConfig, checkpoint: Path, tracker: Tracker, step: int | None = None
+) -> tuple[SplitMetrics | LVISMetrics, Path]:
+    """Score an evaluated checkpoint's stored results and log them with tables and pictures."""
+    results = load_results(checkpoint)
+    if results is None:
+        raise FileNotFoundError(f"{checkpoint / RESULTS_FILE} missing: this checkpoint was not evaluated during training")
+    val_set = load_dataset(cfg, "val")
+    metrics = evaluate(cfg.dataset.kind, val_set.ann_json, results)
+    ids, images = _vis_images(val_set, cfg.eval.vis_images)
+    detections = grid_detections(results, val_set.categories, ids)
+    log_evaluation(cfg, metrics, tracker=tracker, images=images, detections=detections, step=step,
+                   titles=[f"image {i}" for i in ids])
+    if tracker.enabled and tracker.active_run_id is not None:
+        tracker.log_artifact(checkpoint / RESULTS_FILE, "eval")
+        for name in (MODEL_FILE, CONFIG_FILE):
+            tracker.log_artifact(checkpoint / name, "checkpoint")
+        tracker.set_tags({"best_checkpoint": str(checkpoint)})
+    return metrics, checkpoint / RESULTS_FILE
+
+
+def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int = DEFAULT_MAX_FAILURES) -> TrainResult:
+    """Train and evaluate one method through Ray Train (see module doc); resumable by rerunning.
+
+    ``stop_at`` ends the fit after that step's checkpoint (the job is then not
+    completed and skips the final evaluation); a later call continues the run.
+    """
+    if stop_at is not None and not 0 < stop_at <= cfg.train.max_iter:
+        raise ValueError(f"stop_at must lie in 1..train.max_iter={cfg.train.max_iter}, got {stop_at}")
+    name = run_name_for(cfg)
+    run_dir = run_dir_for(cfg)
+    info = _read_run_info(run_dir, cfg)
+    tracker = tracker_from_config(cfg)
+    prepared = prepare_training(cfg, run_dir)
+    ensure_ray(cfg)
+    metric = selection_metric(cfg.dataset.kind)
+    tags = {"run_name": name, "kind": "train"}
+    with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:
+        _write_run_info(run_dir, cfg, tracker, run_id)
+        tracker.log_config(cfg)
+        args = LoopArgs(
+            cfg=cfg.model_dump(mode="json"),
+            text_path=str(prepared.text_path),
+            store_path=str(prepared.store_path) if prepared.store_path else None,
+            tracker=tracker,
+            stop_at=stop_at,
+        )
+        result = build_trainer(cfg, args, name, max_failures).fit()
+        step = int((result.metrics or {}).get("step", 0))
+        completed = step >= cfg.train.max_iter
+        best, best_metrics = _best(result, metric)
+        metrics, results_path, best_step = None, None, None
+        if completed and best is not None:
+            best_step = int(best_metrics.get("step", step))
+            metrics, results_path = report_checkpoint(cfg, best, tracker, step=step)
+            tracker.set_tags({"best_step": best_step})
+        tracker.set_tags({"completed": completed, "step": step})
+    return TrainResult(
+        run_name=name,
+        run_dir=run_dir,
+        mlflow_run_id=run_id,
+        tracking_uri=tracker.uri,
+        experiment=tracker.experiment,
+        completed=completed,
+        step=step,
+        best_checkpoint=best,
+        best_step=best_step,
+        metrics=metrics,
+        results_path=results_path,
+    )
+
+
+def train_in_process(cfg: ExperimentConfig, storage: Path, tracker: Tracker | None = None) -> LoopSummary:
+    """The same loop without Ray Train, in this process (benchmarks, debugging, tests).
+
+    Checkpoints go to ``storage``; ``tracker`` (with a run open) receives the losses.
+    """
+    storage = Path(storage)
+    prepared = prepare_training(cfg, storage)
+    args = LoopArgs(
+        cfg=cfg.model_dump(mode="json"),
+        text_path=str(prepared.text_path),
+        store_path=str(prepared.store_path) if prepared.store_path else None,
+        tracker=tracker,
+    )
+    summary, _ = run_in_process(args, storage)
+    return summary

@@ -1,0 +1,75 @@
+"""The README's main job end to end, shrunk: world, teacher, Ray Train, evaluation, MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ovdlab.jobs import shapes_demo
+
+TINY = [
+    "dataset.shapes.train_images=24",
+    "dataset.shapes.val_images=8",
+    "dataset.shapes.image_size=64",
+    "dataset.shapes.max_objects=4",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.fpn_channels=16",
+    "model.representation_size=64",
+    "model.rpn_pre_nms_top_n=100",
+    "model.rpn_post_nms_top_n=50",
+    "model.rpn_batch_size_per_image=64",
+    "model.roi_batch_size_per_image=32",
+    "train.max_iter=6",
+    "train.batch_size=2",
+    "train.lr=0.01",
+    "train.warmup_iters=2",
+    "train.steps=[1000]",
+    "train.eval_period=3",
+    "train.checkpoint_period=3",
+    "eval.batch_size=4",
+    "eval.vis_images=2",
+    "ray.cpus_per_worker=0.5",
+    "tracking.run_name=demo-test",
+]
+
+
+@pytest.fixture
+def work_dir(request, tmp_path) -> Path:
+    """A work dir whose shapes world and teacher come from the shared test cache when present.
+
+    The world and teacher are content-keyed, so the train tests' cache (same tiny
+    settings) is reused; without it the demo makes both itself, as on a first run.
+    """
+    work = tmp_path / "work"
+    work.mkdir()
+    cache = getattr(request.config, "cache", None)
+    if cache is not None:
+        shared = Path(cache.mkdir("ovdlab-tiny-shapes"))
+        (shared / "teachers").mkdir(exist_ok=True)
+        (work / "teachers").symlink_to(shared / "teachers", target_is_directory=True)
+        if (shared / "data").is_dir():
+            (work / "data").symlink_to(shared / "data", target_is_directory=True)
+    return work
+
+
+@pytest.mark.slow
+def test_shapes_demo_end_to_end(work_dir, ray_local, capsys):
+    assert shapes_demo.main([f"work_dir={work_dir}"] + TINY) == 0
+    out = capsys.readouterr().out
+    assert "AP50 novel" in out and "MLflow:" in out and "best checkpoint" in out
+
+    client = MlflowClient(f"sqlite:///{work_dir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shapes")
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'demo-test'")
+    assert len(runs) == 1
+    run = runs[0]
+    for name in ("ap50_novel", "ap50_base", "ap50_all", "train/total_loss"):
+        assert name in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap50_all")] == [3, 6]
+    assert run.data.tags["method"] == "vild-text" and run.data.tags["completed"] == "True"
+    assert {"eval/detections.png", "eval/per_class_ap.png", "eval/pr_curves.png", "eval/per_class_ap.txt"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "eval")
+    }

@@ -1,0 +1,162 @@
+"""The shared training loop: in-process learning, and Ray Train with stop/resume and one MLflow run."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ovdlab.platform.data.images import ImageDecodeError
+from ovdlab.platform.train.checkpoint import load_model_checkpoint, load_trainer_state
+from ovdlab.platform.train.loop import MAX_BAD_IMAGES_IN_A_ROW, LocalSession, LoopArgs, _SkipUndecodable, run_loop
+from ovdlab.platform.train.trainer import RUN_INFO, _best, prepare_training, run_dir_for, train
+
+
+def test_losses_fall_in_process(tiny_cfg_factory):
+    cfg = tiny_cfg_factory(["train.max_iter=40", "train.checkpoint_period=20", "train.lr=0.02"])
+    storage = cfg.work_path("inproc")
+    prepared = prepare_training(cfg, storage)
+    session = LocalSession(storage)
+    summary = run_loop(LoopArgs(cfg=cfg.model_dump(mode="json"), text_path=str(prepared.text_path)), session)
+
+    assert summary.start_step == 0 and summary.end_step == 40
+    assert len(summary.losses) == 40
+    first, last = statistics.mean(summary.losses[:8]), statistics.mean(summary.losses[-8:])
+    assert last < 0.7 * first, (first, last)
+    assert [r["step"] for r in session.reports] == [20, 40]
+    final = session.reports[-1]
+    assert 0.0 <= final["ap50_novel"] <= 100.0 and 0.0 <= final["ap50_base"] <= 100.0
+    assert session.reports[0]["ap50_novel"] == -1.0  # checkpoint without evaluation
+    assert 0.0 <= summary.data_fraction < 1.0 and summary.steps_per_second > 0
+
+    latest = session.latest()
+    assert latest is not None and latest.name.endswith("40")
+    assert load_trainer_state(latest)["step"] == 40
+    ckpt = load_model_checkpoint(latest)
+    assert ckpt.meta["step"] == 40
+    assert ckpt.meta["train_classes"] == prepared.train_classes
+    assert len(ckpt.meta["eval_classes"]) == 20 and ckpt.cfg.work_dir == str(cfg.work_path())
+
+    # A second run over the same storage resumes from step 40: nothing left to do.
+    again = run_loop(LoopArgs(cfg=cfg.model_dump(mode="json"), text_path=str(prepared.text_path)), session)
+    assert again.start_step == 40 and again.losses == []
+
+
+def test_batch_must_divide_over_workers(tiny_cfg_factory):
+    cfg = tiny_cfg_factory(["train.batch_size=3"])
+    prepared = prepare_training(cfg, cfg.work_path("p"))
+
+    class TwoRanks(LocalSession):
+        world_size = 2
+
+    with pytest.raises(ValueError, match="not divisible by ray.num_workers=2"):
+        run_loop(LoopArgs(cfg=cfg.model_dump(mode="json"), text_path=str(prepared.text_path)), TwoRanks(cfg.work_path("s")))
+
+
+def test_two_gloo_workers_stop_and_resume_into_one_mlflow_run(tiny_cfg_factory, ray_local):
+    cfg = tiny_cfg_factory(
+        ["train.max_iter=8", "train.checkpoint_period=4", "ray.num_workers=2", "tracking.run_name=resume-test"]
+    )
+    first = train(cfg, stop_at=4, max_failures=0)
+    assert not first.completed and first.step == 4 and first.metrics is None
+    assert (run_dir_for(cfg) / RUN_INFO).is_file()
+
+    second = train(cfg, max_failures=0)
+    assert second.completed and second.step == 8
+    assert second.mlflow_run_id == first.mlflow_run_id
+    assert second.best_checkpoint is not None and load_trainer_state(second.best_checkpoint)["step"] == 8
+    assert second.metrics is not None and second.results_path is not None and second.results_path.is_file()
+
+    client = MlflowClient(second.tracking_uri)
+    exp = client.get_experiment_by_name(second.experiment)
+    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'resume-test'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/total_loss")]
+    assert sorted(steps) == list(range(1, 9))  # the step counter continued, nothing logged twice
+    for name in ("ap50_novel", "ap50_base", "ap50_all", "val/ap50_novel"):
+        assert name in run.data.metrics
+    assert run.data.params["train.max_iter"] == "8"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+    assert {"eval/per_class_ap.png", "eval/pr_curves.png", "eval/detections.png", "eval/per_class_ap.csv"} <= artifacts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/model.pt"}
+
+
+def test_changed_config_does_not_resume_an_old_run(tiny_cfg_factory):
+    cfg = tiny_cfg_factory(["tracking.run_name=fixed"])
+    run_dir = run_dir_for(cfg)
+    run_dir.mkdir(parents=True)
+    (run_dir / RUN_INFO).write_text('{"config_hash": "0123456789ab", "mlflow_run_id": null}')
+    with pytest.raises(ValueError, match="resuming would mix two configs"):
+        train(cfg)
+
+
+@dataclass
+class _Ckpt:
+    path: str
+
+
+@dataclass
+class _Result:
+    best_checkpoints: list
+    checkpoint: _Ckpt | None
+    metrics: dict
+
+
+def test_best_checkpoint_ignores_unevaluated_ones():
+    result = _Result(
+        best_checkpoints=[(_Ckpt("/a"), {"ap50_novel": 3.0, "step": 4}), (_Ckpt("/b"), {"ap50_novel": -1.0, "step": 8}),
+                          (_Ckpt("/c"), {"ap50_novel": 7.5, "step": 6})],
+        checkpoint=_Ckpt("/b"),
+        metrics={"step": 8},
+    )
+    assert _best(result, "ap50_novel") == (Path("/c"), {"ap50_novel": 7.5, "step": 6})
+    only_latest = _Result(best_checkpoints=[(_Ckpt("/b"), {"ap50_novel": -1.0})], checkpoint=_Ckpt("/b"), metrics={"step": 2})
+    assert _best(only_latest, "ap50_novel") == (Path("/b"), {"step": 2})
+
+
+class _Flaky:
+    """Items 0..n-1; the indices in ``bad`` fail to decode."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        self.n, self.bad = n, bad
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx: int) -> int:
+        if idx in self.bad:
+            raise ImageDecodeError(f"/data/{idx}.png", "truncated file")
+        return idx
+
+
+def test_undecodable_training_images_are_skipped(caplog):
+    data = _SkipUndecodable(_Flaky(5, {1, 4}))
+    assert [data[i] for i in range(5)] == [0, 2, 2, 3, 0]
+    assert "/data/1.png: truncated file" in caplog.text
+    broken = _SkipUndecodable(_Flaky(MAX_BAD_IMAGES_IN_A_ROW + 1, set(range(MAX_BAD_IMAGES_IN_A_ROW + 1))))
+    with pytest.raises(RuntimeError, match="undecodable training images in a row; last: /data/"):
+        broken[0]
+
+
+def test_train_cli_prints_the_outcome(monkeypatch, tmp_path, capsys):
+    import ovdlab.platform.train.trainer as trainer
+    from ovdlab.platform.cli import main
+
+    seen = {}
+
+    def fake_train(cfg, stop_at=None):
+        seen.update(cfg=cfg, stop_at=stop_at)
+        return trainer.TrainResult("r", tmp_path, "abc", "sqlite:///x.db", "shapes", False, 3, None, None, None, None)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    assert main(["train", "experiments/vild_text_shapes", "train.max_iter=9", f"work_dir={tmp_path}", "--stop-at", "3"]) == 0
+    assert seen["cfg"].train.max_iter == 9 and seen["stop_at"] == 3
+    out = capsys.readouterr().out
+    assert "stopped at step 3/9" in out and "run abc" in out
+    assert main(["train", "experiments/vild_text_shapes", "train.optimizer=rmsprop"]) == 2
+    assert "train.optimizer" in capsys.readouterr().err
