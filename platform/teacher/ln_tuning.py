@@ -37,7 +37,15 @@ log = logging.getLogger(__name__)
 
 LOGIT_SCALE = 100.0
 CROP = "1.2x-square"
-DEFAULTS: dict[str, Any] = {"epochs": 12, "lr": 1e-4, "weight_decay": 1e-4, "grad_clip": 0.1, "batch_size": 64, "seed": 0}
+DEFAULTS: dict[str, Any] = {
+    "epochs": 12,
+    "lr": 1e-4,
+    "weight_decay": 1e-4,
+    "grad_clip": 0.1,
+    "batch_size": 64,
+    "seed": 0,
+}
+"""EZSD's schedule (docs/methods.md); ``batch_size`` is ours (the reference's is per-GPU)."""
 
 
 def ln_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from open_clip import factory as oc_factory
 from open_clip import pretrained as oc_pretrained
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from torch import nn
 
 from ovdlab.platform.config import TeacherConfig
@@ -163,7 +164,7 @@ def write_checkpoint(model: nn.Module, path: Path, meta: dict[str, Any]) -> Path
 
 
 def find_checkpoint(directory: Path, pattern: str, what: str, how: str, match: dict[str, Any] | None = None) -> Path:
-    """The one checkpoint in ``directory`` matching ``pattern`` (and sidecar fields ``match``).
+    """The checkpoint in ``directory`` matching ``pattern`` (and sidecar fields ``match``).
 
     Several matches: the newest is used and the others are named in a warning, so a
     work dir shared by a sweep stays usable; pass ``checkpoint=`` to choose explicitly.
@@ -193,7 +194,7 @@ def _cached_pretrained(pcfg: dict[str, Any]) -> str | None:
         from huggingface_hub import hf_hub_download
 
         repo_id, filename = os.path.split(hub)
-        names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        names = [filename] if filename else [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME]
         if filename.endswith((".bin", ".pth")):
             names.insert(0, filename[:-4] + ".safetensors")
         for name in names:
@@ -285,6 +286,7 @@ def _load_base(cfg: TeacherConfig, work_dir: Path, checkpoint: Path | None) -> t
                 TINY_CHECKPOINT_GLOB,
                 TINY_MODEL,
                 "pretrain it first: ovdlab.platform.teacher.ensure_shapes_teacher(cfg) (the shapes demo does this)",
+                match={"model_cfg": TINY_CONFIG},
             )
         if not path.is_file():
             raise TeacherWeightsError(f"teacher weights file {path} does not exist")

@@ -10,9 +10,15 @@ open-vocabulary for the detector.
 
 Each epoch every object is cropped anew with one of the crop recipes of ``regions.py``
 (plain, 1.5x, 1.2x zero-padded square) after a small box jitter, so the teacher sees every
-view it will be asked about and proposals that are not tight. Zero-shot quality is measured on the
-held-out ground-truth crops of ``annotations/val.json``: each crop is classified among all
-class names with the ``photo`` prompt; accuracy is reported for base and novel classes.
+view it will be asked about and proposals that are not tight. Zero-shot quality is
+measured on the held-out ground-truth crops of ``annotations/val.json``: each crop is
+classified among all class names with the ``photo`` prompt; accuracy is reported for base
+and novel classes (headline numbers on ``plain`` crops, every recipe in ``by_crop``).
+
+Measured on the default world (800 train images, 2799 captions; 747 validation boxes):
+40 epochs of 128 pairs (840 steps) reach 95.9% base / 96.3% novel zero-shot accuracy on
+plain crops (95.8/96.3 for 1x+1.5x, 95.1/91.9 for 1.2x-square) in about 2.5 minutes
+on one core of a shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import open_clip
 import torch
@@ -114,6 +121,13 @@ def _epoch_crops(images: list[torch.Tensor], boxes: list[torch.Tensor], size: in
     return torch.cat(out)
 
 
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warmup, then cosine decay to 0 (CLIP's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weight decay on matrices only, as CLIP/open_clip training (no decay on gains, biases, scale)."""
     decay, no_decay = [], []
@@ -176,6 +190,36 @@ def pretrain_shapes_teacher(
     the number of steps and the wall-clock seconds. The same numbers go into the
     checkpoint's JSON sidecar.
     """
+    with _one_thread():
+        return _pretrain(dataset_root, out_path, epochs, batch_size, lr, weight_decay, warmup_frac, seed)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the setting.
+
+    The tiny model's matrices (128 crops x 5 tokens x 64 channels) are too small to gain
+    from intra-op threads; measured on 2 shared cores, two threads made a training step
+    5-15x slower (spin-waiting) than one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _pretrain(
+    dataset_root: Path,
+    out_path: Path,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    warmup_frac: float,
+    seed: int,
+) -> dict[str, Any]:
     dataset_root = Path(dataset_root)
     start = time.time()
     register_tiny_config()
@@ -191,9 +235,7 @@ def pretrain_shapes_teacher(
     total = epochs * steps_per_epoch
     warmup = max(1, int(warmup_frac * total))
     optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=(0.9, 0.98), eps=1e-6)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _warmup_cosine(s, warmup, total))
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
@@ -263,7 +305,9 @@ def shapes_teacher_path(work_dir: Path, dataset_key: str, params: dict[str, Any]
 def ensure_shapes_teacher(cfg: ExperimentConfig) -> Path:
     """The cached ``shapes-tiny`` checkpoint for ``cfg``'s shapes dataset, pretrained once if missing."""
     if cfg.dataset.kind != "shapes":
-        raise ValueError(f"the shapes-tiny teacher is pretrained on the shapes world, not dataset.kind={cfg.dataset.kind!r}")
+        raise ValueError(
+            f"the shapes-tiny teacher is pretrained on the shapes world, not dataset.kind={cfg.dataset.kind!r}"
+        )
     root = ensure_dataset(cfg)
     meta_path = root / "shapes.json"
     if not meta_path.is_file():
@@ -274,6 +318,8 @@ def ensure_shapes_teacher(cfg: ExperimentConfig) -> Path:
     log.info("pretraining the shapes-tiny teacher once -> %s", path)
     result = pretrain_shapes_teacher(root, path)
     if not (result["acc_base"] >= 0.9 and result["acc_novel"] >= 0.9):
-        log.warning("shapes-tiny teacher below the 90%% target: base %.3f novel %.3f", result["acc_base"], result["acc_novel"])
+        log.warning(
+            "shapes-tiny teacher below the 90%% target: base %.3f novel %.3f", result["acc_base"], result["acc_novel"]
+        )
     return path
 

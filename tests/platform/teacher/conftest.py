@@ -1,8 +1,8 @@
 """Teacher fixtures: a random-init ``shapes-tiny`` teacher, small shapes worlds, a pretrained teacher.
 
-``pretrained_shapes_teacher`` (session scope, ~1-3 min on 2 cores) trains the real
-``shapes-tiny`` teacher once per session on ``shapes_world``; tests elsewhere under this
-folder may reuse it.
+``pretrained_shapes_teacher`` (session scope, a few minutes on 2 cores) trains the real
+``shapes-tiny`` teacher once per session on ``shapes_world``; any test under this folder
+may reuse it.
 """
 
 from __future__ import annotations
@@ -15,11 +15,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# A world big enough for the zero-shot target (>= 90% base and novel) with the shortest
-# schedule that reaches it (see test_teacher_shapes.py).
-WORLD: dict[str, Any] = {}  # the default world, as the shapes demo uses it
-PRETRAIN: dict[str, Any] = {}  # PRETRAIN_DEFAULTS, as ensure_shapes_teacher uses them
-
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
@@ -27,7 +22,8 @@ def tiny_teacher(tmp_path_factory):
     from ovdlab.platform.config import TeacherConfig
     from ovdlab.platform.teacher.loading import load_teacher
 
-    return load_teacher(TeacherConfig(model="shapes-tiny", pretrained="random", batch_size=64), tmp_path_factory.mktemp("wd"))
+    cfg = TeacherConfig(model="shapes-tiny", pretrained="random", batch_size=64)
+    return load_teacher(cfg, tmp_path_factory.mktemp("wd"))
 
 
 @pytest.fixture(scope="session")
@@ -41,16 +37,18 @@ def small_world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def shapes_world(tmp_path_factory) -> Path:
+    """The default shapes world (800 train / 200 val images), the one the shapes demo uses."""
     from ovdlab.platform.config import ShapesConfig
     from ovdlab.platform.data.shapes import generate_shapes
 
-    return generate_shapes(tmp_path_factory.mktemp("shapes_world"), ShapesConfig(**WORLD))
+    return generate_shapes(tmp_path_factory.mktemp("shapes_world"), ShapesConfig())
 
 
 @pytest.fixture(scope="session")
 def pretrained_shapes_teacher(shapes_world, tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint, result) of pretraining ``shapes-tiny`` on ``shapes_world`` once per session."""
+    """(checkpoint, result) of pretraining ``shapes-tiny`` on ``shapes_world`` once per session,
+    with the schedule :func:`ensure_shapes_teacher` uses (``PRETRAIN_DEFAULTS``)."""
     from ovdlab.platform.teacher.shapes_teacher import pretrain_shapes_teacher
 
     out = tmp_path_factory.mktemp("teacher_wd") / "teachers" / "shapes-tiny-0123456789ab.pt"
-    return out, pretrain_shapes_teacher(shapes_world, out, **PRETRAIN)
+    return out, pretrain_shapes_teacher(shapes_world, out)

@@ -133,13 +133,17 @@ def test_shapes_tiny_needs_its_pretraining_checkpoint(tmp_path):
 def test_shapes_tiny_checkpoint_is_found_in_work_dir(tmp_path):
     model = _other_tiny_model(seed=3)
     teachers = tmp_path / "teachers"
-    write_checkpoint(model, teachers / "shapes-tiny-0123456789ab.pt", {"kind": "shapes-pretrain"})
+    write_checkpoint(model, teachers / "shapes-tiny-0123456789ab.pt", {"model_cfg": TINY_CONFIG})
+    # One made for another architecture (an older TINY_CONFIG) is not picked up.
+    stale = {**TINY_CONFIG, "embed_dim": 32}
+    write_checkpoint(_other_tiny_model(seed=5), teachers / "shapes-tiny-ba9876543210.pt", {"model_cfg": stale})
     # An LN-tuned copy next to it must not be taken for the pretrained checkpoint.
     write_checkpoint(_other_tiny_model(seed=4), teachers / "shapes-tiny-ln-0123456789ab.pt", {"kind": "ln-tuned"})
     teacher = load_teacher(TeacherConfig(model=TINY_MODEL), tmp_path)
     assert teacher.teacher_id == TINY_MODEL
     assert teacher.digest == state_digest(model)
-    explicit = load_teacher(TeacherConfig(model=TINY_MODEL), tmp_path, checkpoint=teachers / "shapes-tiny-0123456789ab.pt")
+    chosen = teachers / "shapes-tiny-0123456789ab.pt"
+    explicit = load_teacher(TeacherConfig(model=TINY_MODEL), tmp_path, checkpoint=chosen)
     assert explicit.digest == teacher.digest
 
 

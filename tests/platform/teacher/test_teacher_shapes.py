@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
 from ovdlab.platform.config import ExperimentConfig, TeacherConfig
 from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.teacher import shapes_teacher as st
-from ovdlab.platform.teacher.loading import TINY_MODEL, load_teacher, read_sidecar, write_checkpoint
+from ovdlab.platform.teacher.loading import (
+    TINY_CONFIG,
+    TINY_MODEL,
+    load_teacher,
+    read_sidecar,
+    register_tiny_config,
+    write_checkpoint,
+)
 from ovdlab.platform.teacher.regions import combine_views, crop_regions, image_tensor, num_views, pil_reference_crops
 
 
@@ -31,22 +39,24 @@ def test_pretraining_reaches_zero_shot_target(pretrained_shapes_teacher, shapes_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crop", ["plain", "1.2x-square"])
+@pytest.mark.parametrize("crop", ["plain", "1x+1.5x", "1.2x-square"])
 def test_pretrained_teacher_embeds_batched_crops_like_pil_crops(pretrained_shapes_teacher, shapes_world, crop):
-    """With a trained teacher (crops of different objects far apart), batched and PIL crops agree:
-    embedding cosine > 0.98 for every ground-truth box of 10 validation images."""
+    """With a trained teacher, batched (roi_align) and per-crop PIL crops give the same embedding.
+
+    Measured over the GT boxes of 40 validation images: cosine >= 0.9995 for every box
+    (mean 0.99998) while the nearest other object of the same image sits at cosine ~0.35
+    on average; asserted here for 10 images: every cosine > 0.999.
+    """
     path, _ = pretrained_shapes_teacher
     teacher = load_teacher(TeacherConfig(model=TINY_MODEL), path.parent.parent, checkpoint=path)
     val = OVDDataset(shapes_world / "annotations" / "val.json", shapes_world / "images" / "val")
-    cosines = []
     for image_id in val.image_ids[:10]:
         image = image_tensor(val.image_path(image_id))
         boxes = torch.tensor([st._xyxy(a["bbox"]) for a in val.annotations(image_id)])
         args = (crop, teacher.image_size, teacher.mean, teacher.std)
         batched = combine_views(teacher.encode_crops(crop_regions(image, boxes, *args)), num_views(crop))
         reference = combine_views(teacher.encode_crops(pil_reference_crops(image, boxes, *args)), num_views(crop))
-        cosines.append((batched * reference).sum(dim=1))
-    assert torch.cat(cosines).min() > 0.98
+        assert (batched * reference).sum(dim=1).min() > 0.999
 
 
 def test_ensure_shapes_teacher_pretrains_once(small_world, tmp_path, monkeypatch):
@@ -58,12 +68,8 @@ def test_ensure_shapes_teacher_pretrains_once(small_world, tmp_path, monkeypatch
 
     def fake_pretrain(dataset_root, out_path, **kwargs):
         calls.append(dataset_root)
-        from ovdlab.platform.teacher.loading import register_tiny_config
-
         register_tiny_config()
-        import open_clip
-
-        write_checkpoint(open_clip.create_model(TINY_MODEL), out_path, {"kind": "shapes-pretrain"})
+        write_checkpoint(open_clip.create_model(TINY_MODEL), out_path, {"model_cfg": TINY_CONFIG})
         return {"acc_base": 1.0, "acc_novel": 1.0}
 
     monkeypatch.setattr(st, "pretrain_shapes_teacher", fake_pretrain)
