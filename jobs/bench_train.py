@@ -15,7 +15,8 @@ and the ratio is the median of the per-round ratios, so that a drift in machine 
 hits both alike and one disturbed round does not decide the figure.
 
     python jobs/bench_train.py                       # shapes world, ViLD with GT-box regions
-    python jobs/bench_train.py train.max_iter=200 train.loader_workers=2 ray.use_gpu=true
+    python jobs/bench_train.py ray.cpus_per_worker=1 train.loader_workers=2
+    python jobs/bench_train.py ray.use_gpu=true proposals.source=clip
 """
 
 from __future__ import annotations
@@ -32,7 +33,10 @@ from ovdlab.platform.train.loop import LoopArgs, run_in_process
 from ovdlab.platform.train.trainer import build_trainer, ensure_ray, prepare_training
 
 CONFIG = "experiments/vild_text_shapes"
+# Throughput does not depend on the teacher's weights: a deterministic random shapes-tiny
+# spares its pretraining; the region store and text banks have the real shapes and sizes.
 BENCH_OVERRIDES = [
+    "teacher.pretrained=random",
     "method.name=vild",
     "method.distill_weight=0.5",
     "proposals.source=gt",

@@ -26,7 +26,7 @@ import sys
 from ovdlab.platform.config import load_config
 from ovdlab.platform.data.catalog import ensure_dataset
 from ovdlab.platform.evaluation.tables import format_split_table
-from ovdlab.platform.teacher.shapes_teacher import ensure_shapes_teacher
+from ovdlab.platform.pipelines.extract import teacher_checkpoint
 from ovdlab.platform.train.trainer import train
 
 CONFIG = "experiments/vild_text_shapes"
@@ -37,8 +37,9 @@ def main(argv: list[str]) -> int:
     cfg = load_config(CONFIG, argv)
 
     root = ensure_dataset(cfg)
-    teacher = ensure_shapes_teacher(cfg)
-    print(f"shapes world: {root}\nteacher: {teacher}")
+    teacher = teacher_checkpoint(cfg)  # shapes-tiny is pretrained on the world once, then reused
+    print(f"shapes world: {root}")
+    print(f"teacher: {teacher or f'{cfg.teacher.model} (pretrained={cfg.teacher.pretrained})'}")
 
     result = train(cfg)
 

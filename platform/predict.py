@@ -77,16 +77,21 @@ class Predictor:
     ) -> "Predictor":
         """Load a checkpoint folder (its own config unless ``cfg`` is given) onto ``device``.
 
-        ``device`` None picks CUDA when available. The teacher is the config's; a teacher
-        whose weights differ from those used in training gives a warning (the text
-        embeddings would not be the ones the detector learned against).
+        ``device`` None picks CUDA when available. The teacher is the very file used in
+        training when the checkpoint names one that still exists, else the config's; a
+        teacher whose weights differ from those used in training gives a warning (the
+        text embeddings would not be the ones the detector learned against).
         """
         from ovdlab.platform.train.loop import build_model
         from ovdlab.platform.train.trainer import load_training_teacher
 
         ckpt = load_model_checkpoint(path, cfg)
         dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        teacher = load_training_teacher(ckpt.cfg, str(dev))
+        teacher_file = Path(ckpt.meta["teacher_checkpoint"]) if ckpt.meta.get("teacher_checkpoint") else None
+        if teacher_file is not None and not teacher_file.is_file():
+            log.warning("teacher checkpoint %s of %s is gone; loading the teacher the config names", teacher_file, ckpt.path)
+            teacher_file = None
+        teacher, _ = load_training_teacher(ckpt.cfg, str(dev), checkpoint=teacher_file)
         digest = ckpt.meta.get("teacher_digest")
         if digest and digest != teacher.digest:
             log.warning(

@@ -330,6 +330,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
         "eval_classes": list(banks["eval"]["names"]),
         "teacher_id": str(banks.get("teacher_id", "")),
         "teacher_digest": str(banks.get("teacher_digest", "")),
+        "teacher_checkpoint": str(banks.get("teacher_checkpoint", "")),
     }
 
     trainer_state: dict[str, Any] | None = None

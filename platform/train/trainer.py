@@ -101,12 +101,21 @@ def run_dir_for(cfg: ExperimentConfig) -> Path:
     return cfg.work_path(RUNS_DIR, run_name_for(cfg))
 
 
-def load_training_teacher(cfg: ExperimentConfig, device: str = "cpu") -> Teacher:
-    """The configured teacher; ``shapes-tiny`` is pretrained once on the shapes world first."""
+def load_training_teacher(
+    cfg: ExperimentConfig, device: str = "cpu", checkpoint: Path | None = None
+) -> tuple[Teacher, Path | None]:
+    """The configured teacher and the checkpoint file it came from (None: found by config).
+
+    Without ``checkpoint``, ``shapes-tiny`` is pretrained once on the shapes world first
+    (:func:`~ovdlab.platform.pipelines.extract.teacher_checkpoint`); with it, that file
+    is loaded as is (the teacher a detector was trained with).
+    """
     from ovdlab.platform.pipelines.extract import teacher_checkpoint
     from ovdlab.platform.teacher.loading import load_teacher
 
-    return load_teacher(cfg.teacher, cfg.work_path(), device, checkpoint=teacher_checkpoint(cfg))
+    if checkpoint is None:
+        checkpoint = teacher_checkpoint(cfg)
+    return load_teacher(cfg.teacher, cfg.work_path(), device, checkpoint=checkpoint), checkpoint
 
 
 def _bank_entry(teacher: Teacher, dataset: OVDDataset, ids: list[int], recipe: str, cache: Path) -> dict[str, Any]:
@@ -126,7 +135,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
     train_set, val_set = load_dataset(cfg, "train"), load_dataset(cfg, "val")
     if not train_set.base_ids:
         raise ValueError(f"{train_set.ann_json} has no base categories to train on")
-    teacher = load_training_teacher(cfg)
+    teacher, teacher_file = load_training_teacher(cfg)
     cache = cfg.work_path("text_banks")
     recipe = cfg.teacher.prompt
     banks = {
@@ -134,6 +143,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
         "eval": _bank_entry(teacher, val_set, list(val_set.category_ids), recipe, cache),
         "teacher_id": teacher.teacher_id,
         "teacher_digest": teacher.digest,
+        "teacher_checkpoint": str(teacher_file) if teacher_file is not None else "",
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     text_path = run_dir / TEXT_BANKS

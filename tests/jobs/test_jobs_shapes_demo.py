@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from mlflow import MlflowClient
 
@@ -14,6 +12,7 @@ TINY = [
     "dataset.shapes.val_images=8",
     "dataset.shapes.image_size=64",
     "dataset.shapes.max_objects=4",
+    "teacher.pretrained=random",
     "model.min_size=64",
     "model.max_size=64",
     "model.fpn_channels=16",
@@ -36,27 +35,11 @@ TINY = [
 ]
 
 
-@pytest.fixture
-def work_dir(request, tmp_path) -> Path:
-    """A work dir whose shapes world and teacher come from the shared test cache when present.
-
-    The world and teacher are content-keyed, so the train tests' cache (same tiny
-    settings) is reused; without it the demo makes both itself, as on a first run.
-    """
-    work = tmp_path / "work"
-    work.mkdir()
-    cache = getattr(request.config, "cache", None)
-    if cache is not None:
-        shared = Path(cache.mkdir("ovdlab-tiny-shapes"))
-        (shared / "teachers").mkdir(exist_ok=True)
-        (work / "teachers").symlink_to(shared / "teachers", target_is_directory=True)
-        if (shared / "data").is_dir():
-            (work / "data").symlink_to(shared / "data", target_is_directory=True)
-    return work
-
-
 @pytest.mark.slow
-def test_shapes_demo_end_to_end(work_dir, ray_local, capsys):
+def test_shapes_demo_end_to_end(tmp_path, ray_local, capsys):
+    """Tiny world, ``shapes-tiny`` with deterministic random weights (its pretraining has
+    its own tests), two evaluations, one MLflow run with the pictures."""
+    work_dir = tmp_path / "work"
     assert shapes_demo.main([f"work_dir={work_dir}"] + TINY) == 0
     out = capsys.readouterr().out
     assert "AP50 novel" in out and "MLflow:" in out and "best checkpoint" in out

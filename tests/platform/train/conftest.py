@@ -1,9 +1,8 @@
-"""A tiny shapes world and its pretrained teacher, made once and shared by the train tests.
+"""Tiny experiment configs for the train tests: a 24-image shapes world made per test.
 
-The world and the ``shapes-tiny`` teacher are content-keyed, so they live in pytest's
-cache folder (or a session temp folder without it) and are reused by every test and
-every later session; each test gets its own ``work_dir`` whose ``teachers`` folder links
-to the shared one, so runs, checkpoints and MLflow stores never mix.
+The teacher is ``shapes-tiny`` with ``pretrained=random`` (deterministic random
+weights): these tests check the training, evaluation and prediction machinery, not the
+teacher's quality, and skip its pretraining (covered by the teacher's own tests).
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ TINY = [
     "dataset.shapes.val_images=8",
     "dataset.shapes.image_size=64",
     "dataset.shapes.max_objects=4",
+    "teacher.pretrained=random",
     "model.min_size=64",
     "model.max_size=64",
     "model.fpn_channels=16",
@@ -38,43 +38,18 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="session")
-def shared_shapes(request, tmp_path_factory) -> Path:
-    """Folder holding the tiny world (``data/shapes``) and ``teachers/``, made once."""
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("ovdlab-tiny-shapes")) if cache is not None else tmp_path_factory.mktemp("tiny-shapes")
-    (root / "teachers").mkdir(exist_ok=True)
-    cfg = tiny_config(root, [])
-    from ovdlab.platform.teacher.shapes_teacher import ensure_shapes_teacher
-
-    ensure_shapes_teacher(cfg)
-    return root
-
-
-def tiny_config(work_dir: Path, overrides: list[str], shared: Path | None = None) -> ExperimentConfig:
+def tiny_config(work_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """The ViLD-text shapes experiment shrunk to seconds, in ``work_dir``."""
-    data_root = (shared or work_dir) / "data" / "shapes"
-    return load_config(
-        "experiments/vild_text_shapes",
-        [f"work_dir={work_dir}", f"dataset.root={data_root}"] + TINY + list(overrides),
-    )
+    return load_config("experiments/vild_text_shapes", [f"work_dir={work_dir}"] + TINY + list(overrides or []))
 
 
 @pytest.fixture(scope="session")
-def make_tiny_cfg(shared_shapes):
-    """``make(work_dir, overrides) -> ExperimentConfig`` sharing the world and the teacher."""
-
-    def make(work_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        teachers = work_dir / "teachers"
-        if not teachers.exists():
-            teachers.symlink_to(shared_shapes / "teachers", target_is_directory=True)
-        return tiny_config(work_dir, overrides or [], shared_shapes)
-
-    return make
+def make_tiny_cfg():
+    """``make(work_dir, overrides) -> ExperimentConfig`` (for module-scoped fixtures)."""
+    return tiny_config
 
 
 @pytest.fixture
-def tiny_cfg_factory(make_tiny_cfg, tmp_path):
+def tiny_cfg_factory(tmp_path):
     """``make(overrides) -> ExperimentConfig`` in this test's own work dir."""
-    return lambda overrides=None: make_tiny_cfg(tmp_path / "work", overrides)
+    return lambda overrides=None: tiny_config(tmp_path / "work", overrides)

@@ -16,7 +16,10 @@ from ovdlab.platform.train.trainer import RUN_INFO, _best, prepare_training, run
 
 
 def test_losses_fall_in_process(tiny_cfg_factory):
-    cfg = tiny_cfg_factory(["train.max_iter=40", "train.checkpoint_period=20", "train.lr=0.02"])
+    # 8 training images in batches of 4: every step revisits them, so the fall is not noise.
+    cfg = tiny_cfg_factory(
+        ["train.max_iter=40", "train.checkpoint_period=20", "train.lr=0.02", "dataset.shapes.train_images=8", "train.batch_size=4"]
+    )
     storage = cfg.work_path("inproc")
     prepared = prepare_training(cfg, storage)
     session = LocalSession(storage)
@@ -25,7 +28,7 @@ def test_losses_fall_in_process(tiny_cfg_factory):
     assert summary.start_step == 0 and summary.end_step == 40
     assert len(summary.losses) == 40
     first, last = statistics.mean(summary.losses[:8]), statistics.mean(summary.losses[-8:])
-    assert last < 0.7 * first, (first, last)
+    assert last < 0.6 * first, (first, last)
     assert [r["step"] for r in session.reports] == [20, 40]
     final = session.reports[-1]
     assert 0.0 <= final["ap50_novel"] <= 100.0 and 0.0 <= final["ap50_base"] <= 100.0

@@ -33,6 +33,7 @@ def test_predict_api_on_an_arbitrary_vocabulary(trained, tmp_path):
     cfg, checkpoint, image = trained
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
     assert predictor.cfg.model == cfg.model
+    assert predictor.teacher.digest == predictor.meta["teacher_digest"]  # the teacher used in training
     dets = predictor.predict(image, VOCAB, score_thresh=0.0)
     assert dets, "a zero threshold keeps the detector's top boxes"
     width, height = Image.open(image).size
