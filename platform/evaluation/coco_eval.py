@@ -20,6 +20,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from ovdlab.platform.evaluation.common import (
+    per_class_counts,
     SPLITS,
     ClassAP,
     check_gt,
@@ -102,16 +103,8 @@ def _run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], max_dets: int)
 
 def _counts(ev: COCOeval) -> tuple[dict[int, int], dict[int, int]]:
     """Per-class numbers of non-ignored gts and scored detections (area "all")."""
-    num_gt: dict[int, int] = {int(c): 0 for c in ev.params.catIds}
-    num_dets: dict[int, int] = {int(c): 0 for c in ev.params.catIds}
     all_area = ev.params.areaRng[ev.params.areaRngLbl.index("all")]
-    for entry in ev.evalImgs:
-        if entry is None or entry["aRng"] != all_area:
-            continue
-        cat = int(entry["category_id"])
-        num_gt[cat] += int(np.count_nonzero(np.asarray(entry["gtIgnore"]) == 0))
-        num_dets[cat] += len(entry["dtIds"])
-    return num_gt, num_dets
+    return per_class_counts(ev.params.catIds, ev.evalImgs, all_area, "aRng", "gtIgnore", "dtIds")
 
 
 def evaluate_coco_ovd(gt: Path | str | dict, results: list[dict] | Path | str, max_dets: int = 100) -> SplitMetrics:

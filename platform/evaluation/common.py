@@ -210,3 +210,19 @@ def split_mean(per_class: list[ClassAP], split: str | None, attr: str = "ap50") 
     """Mean of a per-class AP over a split's classes that have ground truth (NaN if none)."""
     vals = [getattr(c, attr) for c in per_class if (split is None or c.split == split) and not math.isnan(getattr(c, attr))]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def per_class_counts(cat_ids, eval_imgs, all_area, area_key: str, ignore_key: str, dets_key: str) -> tuple[dict[int, int], dict[int, int]]:
+    """Per-class numbers of non-ignored gts and scored detections over area "all".
+
+    pycocotools and lvis-api keep the same per-image records under different key names.
+    """
+    num_gt: dict[int, int] = {int(c): 0 for c in cat_ids}
+    num_dets: dict[int, int] = {int(c): 0 for c in cat_ids}
+    for entry in eval_imgs:
+        if entry is None or entry[area_key] != all_area:
+            continue
+        cat = int(entry["category_id"])
+        num_gt[cat] += int(np.count_nonzero(np.asarray(entry[ignore_key]) == 0))
+        num_dets[cat] += len(entry[dets_key])
+    return num_gt, num_dets

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ovdlab.platform.evaluation.common import (
+    per_class_counts,
     ClassAP,
     check_gt,
     eval_copy_of_gt,
@@ -133,16 +134,8 @@ def _run_lvis_eval(gt: dict[str, Any], dets: list[dict[str, Any]], max_dets: int
 
 def _counts(ev: Any) -> tuple[dict[int, int], dict[int, int]]:
     """Per-class numbers of non-ignored gts and scored detections (area "all")."""
-    num_gt: dict[int, int] = {int(c): 0 for c in ev.params.cat_ids}
-    num_dets: dict[int, int] = {int(c): 0 for c in ev.params.cat_ids}
     all_area = ev.params.area_rng[ev.params.area_rng_lbl.index("all")]
-    for entry in ev.eval_imgs:
-        if entry is None or entry["area_rng"] != all_area:
-            continue
-        cat = int(entry["category_id"])
-        num_gt[cat] += int(np.count_nonzero(np.asarray(entry["gt_ignore"]) == 0))
-        num_dets[cat] += len(entry["dt_ids"])
-    return num_gt, num_dets
+    return per_class_counts(ev.params.cat_ids, ev.eval_imgs, all_area, "area_rng", "gt_ignore", "dt_ids")
 
 
 def _percent(value: float) -> float:
