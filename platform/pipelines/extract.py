@@ -114,7 +114,8 @@ class ExtractionSummary:
     ``images``/``regions``/``failures`` count the whole store, ``processed`` the images
     this run handled (0 when ``skipped``: the store was already complete).
     ``startup_seconds`` is the time until the first written part reached the driver
-    (actor start, model loading, the first batch through every stage), None without Ray work.
+    (actor start, model loading, the first batch through every stage) and
+    ``startup_regions`` the regions of that part; both None without Ray work.
     """
 
     store: Path
@@ -127,6 +128,7 @@ class ExtractionSummary:
     seconds: float
     skipped: bool
     startup_seconds: float | None = None
+    startup_regions: int | None = None
 
     def format(self) -> str:
         state = "complete already, reused" if self.skipped else f"{self.processed} images processed"
@@ -205,7 +207,7 @@ def _summary(
     processed: int,
     start: float,
     skipped: bool,
-    startup: float | None = None,
+    startup: tuple[float, int] | None = None,
 ) -> ExtractionSummary:
     counts = manifest.counts
     return ExtractionSummary(
@@ -218,7 +220,8 @@ def _summary(
         processed=processed,
         seconds=time.perf_counter() - start,
         skipped=skipped,
-        startup_seconds=startup,
+        startup_seconds=startup[0] if startup else None,
+        startup_regions=startup[1] if startup else None,
     )
 
 
@@ -229,8 +232,10 @@ def _ensure_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=cfg.ray.address, include_dashboard=False, configure_logging=False)
 
 
-def _run_ray(plan: ExtractionPlan, todo: Sequence[int], writer: RegionStoreWriter) -> tuple[int, float | None]:
-    """Stream ``todo`` through the Ray Data stages; (images written, seconds to the first part)."""
+def _run_ray(
+    plan: ExtractionPlan, todo: Sequence[int], writer: RegionStoreWriter
+) -> tuple[int, tuple[float, int] | None]:
+    """Stream ``todo`` through the Ray Data stages: images written, and (seconds, regions) of the first part."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -274,7 +279,8 @@ def _run_ray(plan: ExtractionPlan, todo: Sequence[int], writer: RegionStoreWrite
     start = time.perf_counter()
     written, first = 0, None
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        first = time.perf_counter() - start if first is None else first
+        if first is None:
+            first = (time.perf_counter() - start, int(out["regions"].sum()))
         written += len(out["image_id"])
     return written, first
 

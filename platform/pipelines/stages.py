@@ -24,7 +24,7 @@ from ovdlab.platform.config import ExperimentConfig, ProposalsConfig, content_ke
 from ovdlab.platform.proposals.imported import file_digest
 from ovdlab.platform.store.schema import SCHEMA_VERSION
 
-EXTRACT_VERSION = 1
+EXTRACT_VERSION = 2
 """Bump when the extraction code changes what it writes, so old stores are not reused."""
 STORES_DIR = "stores"
 

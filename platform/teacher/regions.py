@@ -1,15 +1,16 @@
-"""Region embeddings: crops cut on the decoded image tensor, batched through the image tower.
+"""Region embeddings: crops cut from the decoded image tensor, batched through the image tower.
 
-Crops are taken with :func:`torchvision.ops.roi_align` on the whole image (``aligned=True``
-so a box edge at pixel coordinate x sits at continuous coordinate x, pixel centres at
-i + 0.5, as PIL uses) straight to ``teacher.image_size`` squared. ``sampling_ratio=-1``
-lets roi_align take ceil(box side / output side) bilinear samples per output bin and
-average them: for a box larger than the output this is an area average, the antialiasing
-that PIL's bilinear resize applies when it shrinks (its triangle filter widens with the
-scale); for a smaller box it is one bilinear sample at the bin centre, which is plain
-bilinear upsampling. So the batched path reproduces "crop with PIL, resize bilinear"
-without per-crop PIL round trips (tests/platform/teacher/test_teacher_regions.py measures
-the difference).
+A crop is what ``image.crop(box).resize((S, S), BILINEAR)`` gives with Pillow, and what
+torchvision's ``resized_crop`` gives on a uint8 tensor: the box's edges are rounded to
+whole pixels (:func:`pixel_windows`, Pillow's rounding), the window is cut out, parts
+outside the image are black, and the window is resized to ``teacher.image_size`` squared
+with the antialiased bilinear (triangle) filter, whose support widens with the shrink
+factor. The resize is ``F.interpolate(..., antialias=True)`` on a view of the uint8
+image in channels-last layout, the SIMD port of Pillow's resampler in torch, so no pixel
+is copied before it is resized and no per-crop PIL image or float array is made; the
+uint8 crops of a whole image are normalised in one pass per channel
+(tests/platform/teacher/test_teacher_regions.py checks the result against Pillow to
+within two uint8 levels; ``jobs/bench_extract.py`` measures the speed).
 
 Crop recipes (docs/methods.md):
 
@@ -18,22 +19,20 @@ Crop recipes (docs/methods.md):
   image; the two embeddings are summed and L2-normalised (ViLD, LP-OVOD).
 - ``1.2x-square``: the box scaled 1.2x about its centre, then grown to a square on its
   longer side; parts outside the image are zero pixels (black) before CLIP normalisation,
-  i.e. zero padding (EZSD; see :func:`roi_crops` for how roi_align is made to do it).
+  i.e. zero padding (EZSD).
 
 CLIP mean/std normalisation is applied after cropping, on pixel values in [0, 1].
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
-from torchvision.ops import roi_align
+from PIL import Image
 
 from ovdlab.platform.data.images import load_image
 from ovdlab.platform.teacher.loading import Teacher
@@ -96,28 +95,66 @@ def view_boxes(boxes: torch.Tensor, crop: str, height: int, width: int) -> list[
     raise ValueError(f"unknown crop recipe {crop!r}; choose one of {CROPS}")
 
 
+def pixel_windows(boxes: torch.Tensor) -> torch.Tensor:
+    """Integer crop windows [N, 4] (x0, y0, x1, y1) of float xyxy boxes.
+
+    Edges are rounded to the nearest pixel boundary, halves to even, as Pillow's
+    ``Image.crop`` rounds a float box; a window is at least one pixel wide and high, so a
+    sub-pixel box still yields a crop.
+    """
+    windows = boxes.round().long()
+    windows[:, 2:] = torch.maximum(windows[:, 2:], windows[:, :2] + 1)
+    return windows
+
+
 def _normalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     m = torch.tensor(mean, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=crops.dtype, device=crops.device).view(1, 3, 1, 1)
     return (crops - m) / s
 
 
+def _normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """[K, S, S, 3] pixel values in 0..255 -> [K, 3, S, S] float32 ``(x / 255 - mean) / std``.
+
+    One pass per channel into a fresh NCHW tensor: the uint8 -> float conversion, the
+    layout change and the affine map happen in place in the output (no float
+    intermediates the size of the batch, which would cost as much as the resizing).
+    """
+    out = torch.empty(pixels.shape[0], 3, pixels.shape[1], pixels.shape[2], device=pixels.device)
+    for c in range(3):
+        channel = out[:, c]
+        channel.copy_(pixels[..., c])
+        channel.mul_(1.0 / (255.0 * std[c])).sub_(mean[c] / std[c])
+    return out
+
+
 def roi_crops(
-    image: torch.Tensor, rois: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], zero_pad: bool
+    image: torch.Tensor, rois: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """[K, 3, size, size] normalised crops of the xyxy ``rois`` of one uint8 [3, H, W] image.
 
-    ``zero_pad``: parts of a roi outside the image are black. roi_align already returns 0
-    for samples more than one pixel outside its input but clamps nearer ones to the
-    border pixel, so the image gets a one-pixel black frame first.
+    Each roi's :func:`pixel_windows` window is resized with torch's antialiased bilinear
+    filter (on CUDA, where that filter has no uint8 kernel, on float pixel values);
+    window parts outside the image are black (the image is zero-padded once, by the
+    farthest overhang).
     """
-    pixels = image.unsqueeze(0).float() / 255.0
-    rois = rois.to(pixels.device, torch.float32)
-    if zero_pad:
-        pixels = F.pad(pixels, (1, 1, 1, 1))
-        rois = rois + 1.0
-    crops = roi_align(pixels, [rois], output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    return _normalize(crops, mean, std)
+    height, width = image.shape[1:]
+    windows = pixel_windows(rois)
+    if windows.numel() == 0:
+        return torch.zeros(0, 3, size, size, device=image.device)
+    overhang = torch.cat([-windows[:, :2], windows[:, 2:3] - width, windows[:, 3:4] - height], dim=1)
+    margin = max(0, int(overhang.max()))
+    source = image.unsqueeze(0)
+    if margin:
+        source = F.pad(source, (margin, margin, margin, margin))
+    if source.device.type != "cpu":
+        source = source.float()
+    source = source.contiguous(memory_format=torch.channels_last)
+    resized = [
+        F.interpolate(source[:, :, y0:y1, x0:x1], size=(size, size), mode="bilinear", antialias=True)
+        for x0, y0, x1, y1 in (windows + margin).tolist()
+    ]
+    return _normalize_pixels(torch.cat(resized).permute(0, 2, 3, 1), mean, std)
 
 
 def crop_regions(
@@ -126,7 +163,7 @@ def crop_regions(
     """[V * N, 3, size, size] normalised crops of one uint8 [3, H, W] image (view-major)."""
     height, width = image.shape[1:]
     views = view_boxes(boxes.to(image.device), crop, height, width)
-    return roi_crops(image, torch.cat(views), size, mean, std, zero_pad=crop == "1.2x-square")
+    return roi_crops(image, torch.cat(views), size, mean, std)
 
 
 def combine_views(embeddings: torch.Tensor, views: int) -> torch.Tensor:
@@ -194,21 +231,16 @@ def embed_regions(
 def pil_reference_crops(
     image: torch.Tensor, boxes: torch.Tensor, crop: str, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """The straightforward per-crop path, for tests: PIL crop, bilinear resize, normalise.
+    """The straightforward per-crop path, for tests and the benchmark: Pillow crop + bilinear resize.
 
-    Each crop box (same :func:`view_boxes` as the batched path) is resized with
-    ``Image.resize(..., BILINEAR, box=...)`` on the image padded with black wherever
-    the box leaves it, which is the zero padding of ``1.2x-square``.
+    The same crop windows as the batched path (:func:`view_boxes`, :func:`pixel_windows`);
+    ``Image.crop`` fills the parts of a window outside the image with black, which is the
+    zero padding of ``1.2x-square``.
     """
     height, width = image.shape[1:]
     pil = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
     out = []
-    for box in torch.cat(view_boxes(boxes, crop, height, width)).tolist():
-        x0, y0, x1, y1 = box
-        margin = math.ceil(max(0.0, -x0, -y0, x1 - width, y1 - height))
-        padded = ImageOps.expand(pil, border=margin, fill=0) if margin else pil
-        resized = padded.resize(
-            (size, size), Image.Resampling.BILINEAR, box=(x0 + margin, y0 + margin, x1 + margin, y1 + margin)
-        )
+    for window in pixel_windows(torch.cat(view_boxes(boxes, crop, height, width))).tolist():
+        resized = pil.crop(tuple(window)).resize((size, size), Image.Resampling.BILINEAR)
         out.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1))
     return _normalize(torch.stack(out), mean, std)

@@ -53,7 +53,7 @@ from ovdlab.platform.teacher.regions import CROPS, embed_regions, image_tensor, 
 
 log = logging.getLogger(__name__)
 
-PRETRAIN_VERSION = 1
+PRETRAIN_VERSION = 2
 """Bump when the training recipe changes, so cached teachers are retrained."""
 
 PRETRAIN_DEFAULTS: dict[str, Any] = {
@@ -117,7 +117,7 @@ def _epoch_crops(images: list[torch.Tensor], boxes: list[torch.Tensor], size: in
     out = []
     for image, image_boxes in zip(images, boxes):
         rois = _jitter(image_boxes, image.shape[1], image.shape[2], gen)
-        out.append(roi_crops(image, rois, size, mean, std, zero_pad=True))
+        out.append(roi_crops(image, rois, size, mean, std))
     return torch.cat(out)
 
 
