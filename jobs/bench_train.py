@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.train.loop import LoopArgs, run_in_process
-from ovdlab.platform.train.trainer import build_trainer, ensure_ray, prepare_training
+from ovdlab.platform.cluster import ensure_ray
+from ovdlab.platform.train.trainer import build_trainer, prepare_training
 
 CONFIG = "experiments/vild_text_shapes"
 # Throughput does not depend on the teacher's weights: a deterministic random shapes-tiny

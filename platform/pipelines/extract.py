@@ -40,6 +40,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from ovdlab.platform.cluster import ensure_ray
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
 from ovdlab.platform.pipelines import rows as R
@@ -225,13 +226,6 @@ def _summary(
     )
 
 
-def _ensure_ray(cfg: ExperimentConfig) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, configure_logging=False)
-
-
 def _run_ray(
     plan: ExtractionPlan, todo: Sequence[int], writer: RegionStoreWriter
 ) -> tuple[int, tuple[float, int] | None]:
@@ -241,7 +235,7 @@ def _run_ray(
 
     cfg = plan.cfg
     rc = cfg.ray
-    _ensure_ray(cfg)
+    ensure_ray(cfg)
     DataContext.get_current().enable_progress_bars = True
     res = fit_resources(cfg, plan.source.needs_accelerator, ray.cluster_resources().get("CPU", 0.0))
     gpus_needed = rc.actor_pool_size * (res.propose_gpus + res.embed_gpus)

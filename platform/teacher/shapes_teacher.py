@@ -16,9 +16,9 @@ classified among all class names with the ``photo`` prompt; accuracy is reported
 and novel classes (headline numbers on ``plain`` crops, every recipe in ``by_crop``).
 
 Measured on the default world (800 train images, 2799 captions; 747 validation boxes):
-40 epochs of 128 pairs (840 steps) reach 95.9% base / 96.3% novel zero-shot accuracy on
-plain crops (95.8/96.3 for 1x+1.5x, 95.1/91.9 for 1.2x-square) in about 2.5 minutes
-on one core of a shared 2-core machine.
+40 epochs of 128 pairs (840 steps) reach 95.1% base / 95.8% novel zero-shot accuracy on
+plain crops (95.8/97.6 for 1x+1.5x, 95.0/98.8 for 1.2x-square) in 141 s on one core of
+the 2-core development machine.
 """
 
 from __future__ import annotations

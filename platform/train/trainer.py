@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ovdlab.platform.cluster import ensure_ray
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
 from ovdlab.platform.data.images import load_image
@@ -154,14 +155,6 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
 
         store_path = run_extraction(cfg, "train").store
     return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"])
-
-
-def ensure_ray(cfg: ExperimentConfig) -> None:
-    """Connect to ``ray.address`` (or the cluster a ``ray job submit`` set), else start a local Ray."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, include_dashboard=False, configure_logging=False)
 
 
 def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_failures: int = DEFAULT_MAX_FAILURES):
