@@ -5,10 +5,10 @@ torchvision's ``resized_crop`` gives on a uint8 tensor: the box's edges are roun
 whole pixels (:func:`pixel_windows`, Pillow's rounding), the window is cut out, parts
 outside the image are black, and the window is resized to ``teacher.image_size`` squared
 with the antialiased bilinear (triangle) filter, whose support widens with the shrink
-factor. The resize is ``F.interpolate(..., antialias=True)`` on a view of the uint8
-image in channels-last layout, the SIMD port of Pillow's resampler in torch, so no pixel
-is copied before it is resized and no per-crop PIL image or float array is made; the
-uint8 crops of a whole image are normalised in one pass per channel
+factor. The resize is ``F.interpolate(..., antialias=True)`` on a window view of the
+uint8 image in channels-last layout (torch's vectorised port of Pillow's resampler), so
+no per-crop PIL image or float array is made; the uint8 crops of a whole image are then
+normalised together, in place in the output tensor
 (tests/platform/teacher/test_teacher_regions.py checks the result against Pillow to
 within two uint8 levels; ``jobs/bench_extract.py`` measures the speed).
 
@@ -116,9 +116,9 @@ def _normalize(crops: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 def _normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """[K, S, S, 3] pixel values in 0..255 -> [K, 3, S, S] float32 ``(x / 255 - mean) / std``.
 
-    One pass per channel into a fresh NCHW tensor: the uint8 -> float conversion, the
-    layout change and the affine map happen in place in the output (no float
-    intermediates the size of the batch, which would cost as much as the resizing).
+    Channel by channel, the uint8 -> float conversion with the layout change, then the
+    affine map, happen in place in the fresh NCHW output: no float intermediate the size
+    of the batch, whose first touch of memory would cost as much as the resizing.
     """
     out = torch.empty(pixels.shape[0], 3, pixels.shape[1], pixels.shape[2], device=pixels.device)
     for c in range(3):
