@@ -16,9 +16,45 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+TINY_EXPERIMENT = [
+    "dataset.shapes.train_images=24",
+    "dataset.shapes.val_images=8",
+    "dataset.shapes.image_size=64",
+    "dataset.shapes.max_objects=4",
+    "teacher.pretrained=random",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.fpn_channels=16",
+    "model.representation_size=64",
+    "model.rpn_pre_nms_top_n=100",
+    "model.rpn_post_nms_top_n=50",
+    "model.rpn_batch_size_per_image=64",
+    "model.roi_batch_size_per_image=32",
+    "train.batch_size=2",
+    "train.lr=0.01",
+    "train.warmup_iters=2",
+    "train.steps=[1000]",
+    "train.grad_clip=1.0",
+    "eval.batch_size=4",
+    "eval.vis_images=2",
+    "ray.cpus_per_worker=0.5",
+]
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides() -> list[str]:
+    """Overrides that shrink the ViLD-text shapes experiment to seconds.
+
+    A 24-image 64 px world, tiny FPN and heads, and ``shapes-tiny`` with
+    ``pretrained=random`` (deterministic random weights): tests of the training,
+    evaluation and job machinery skip the teacher's pretraining (it has its own tests).
+    """
+    return list(TINY_EXPERIMENT)
 
 
 @pytest.fixture(scope="session")

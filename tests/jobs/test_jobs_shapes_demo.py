@@ -7,40 +7,20 @@ from mlflow import MlflowClient
 
 from ovdlab.jobs import shapes_demo
 
-TINY = [
-    "dataset.shapes.train_images=24",
-    "dataset.shapes.val_images=8",
-    "dataset.shapes.image_size=64",
-    "dataset.shapes.max_objects=4",
-    "teacher.pretrained=random",
-    "model.min_size=64",
-    "model.max_size=64",
-    "model.fpn_channels=16",
-    "model.representation_size=64",
-    "model.rpn_pre_nms_top_n=100",
-    "model.rpn_post_nms_top_n=50",
-    "model.rpn_batch_size_per_image=64",
-    "model.roi_batch_size_per_image=32",
+DEMO = [
     "train.max_iter=6",
-    "train.batch_size=2",
-    "train.lr=0.01",
-    "train.warmup_iters=2",
-    "train.steps=[1000]",
     "train.eval_period=3",
     "train.checkpoint_period=3",
-    "eval.batch_size=4",
-    "eval.vis_images=2",
-    "ray.cpus_per_worker=0.5",
     "tracking.run_name=demo-test",
 ]
 
 
 @pytest.mark.slow
-def test_shapes_demo_end_to_end(tmp_path, ray_local, capsys):
+def test_shapes_demo_end_to_end(tmp_path, ray_local, tiny_overrides, capsys):
     """Tiny world, ``shapes-tiny`` with deterministic random weights (its pretraining has
     its own tests), two evaluations, one MLflow run with the pictures."""
     work_dir = tmp_path / "work"
-    assert shapes_demo.main([f"work_dir={work_dir}"] + TINY) == 0
+    assert shapes_demo.main([f"work_dir={work_dir}"] + tiny_overrides + DEMO) == 0
     out = capsys.readouterr().out
     assert "AP50 novel" in out and "MLflow:" in out and "best checkpoint" in out
 
