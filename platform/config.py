@@ -226,6 +226,15 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
+def file_digest(path: str | Path) -> str:
+    """16 hex digits of a file's SHA-256, read in 1 MiB chunks (files that feed content keys)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """Recursively merge ``top`` into a copy of ``base``; mappings merge, others replace."""
     out = copy.deepcopy(base)

@@ -20,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ovdlab.platform.config import ExperimentConfig, ProposalsConfig, content_key
-from ovdlab.platform.proposals.imported import file_digest
+from ovdlab.platform.config import ExperimentConfig, ProposalsConfig, content_key, file_digest
 from ovdlab.platform.store.schema import SCHEMA_VERSION
 
 EXTRACT_VERSION = 2

@@ -21,7 +21,6 @@ plain containers, so a proposal file cannot run code when it is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from ovdlab.platform.config import file_digest
 from ovdlab.platform.proposals.base import Proposals
 
 if TYPE_CHECKING:
@@ -66,15 +66,6 @@ class _ArrayUnpickler(pickle.Unpickler):
         if (module, name) in _PICKLE_ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: a proposal file holds arrays only")
-
-
-def file_digest(path: Path) -> str:
-    """16 hex digits of the file's SHA-256 (what the stage's content key records)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def read_proposal_file(path: Path) -> Any:

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ovdlab.platform.config import file_digest
 from ovdlab.platform.proposals.base import Proposals
-from ovdlab.platform.proposals.imported import file_digest
 
 if TYPE_CHECKING:
     from ovdlab.platform.config import MethodConfig, ModelConfig

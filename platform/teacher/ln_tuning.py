@@ -16,7 +16,6 @@ the checkpoint tuned from exactly the configured base.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ovdlab.platform.config import content_key
+from ovdlab.platform.config import content_key, file_digest
 from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.teacher.loading import Teacher, safe_name, state_digest, teachers_dir, write_checkpoint
 from ovdlab.platform.teacher.prompts import class_prompts
@@ -63,18 +62,10 @@ def ln_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def ln_checkpoint_path(teacher: Teacher, dataset: OVDDataset, work_dir: Path, **params: Any) -> Path:
     """``work_dir/teachers/<teacher>-ln-<key>.pt``; the key covers base weights, data and schedule."""
     merged = {**DEFAULTS, **params}
-    key = content_key("ln-tuning", teacher.digest, _file_digest(dataset.ann_json), merged)
+    key = content_key("ln-tuning", teacher.digest, file_digest(dataset.ann_json), merged)
     return teachers_dir(work_dir) / f"{safe_name(teacher.teacher_id)}-ln-{key}.pt"
 
 

@@ -51,34 +51,33 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
 
 
+def _step(opt, sched, steps: int) -> list[float]:
+    """The learning rate of each of ``steps`` optimiser + scheduler steps."""
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
 def test_resumed_scheduler_continues_on_the_same_curve():
     cfg = TrainConfig(max_iter=30, schedule="step", steps=[12, 20], warmup_iters=5, lr=0.1)
     model = _model()
     opt = build_optimizer(model, cfg)
     sched = build_scheduler(opt, cfg)
-    straight = []
-    for _ in range(30):
-        straight.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    straight = _step(opt, sched, 30)
 
     model2 = _model()
     opt2 = build_optimizer(model2, cfg)
     sched2 = build_scheduler(opt2, cfg)
-    resumed = []
-    for _ in range(9):
-        resumed.append(opt2.param_groups[0]["lr"])
-        opt2.step()
-        sched2.step()
+    resumed = _step(opt2, sched2, 9)
     state = {"optimizer": opt2.state_dict(), "scheduler": sched2.state_dict()}
     opt3 = build_optimizer(model2, cfg)
     sched3 = build_scheduler(opt3, cfg)
     opt3.load_state_dict(state["optimizer"])
     sched3.load_state_dict(state["scheduler"])
-    for _ in range(21):
-        resumed.append(opt3.param_groups[0]["lr"])
-        opt3.step()
-        sched3.step()
+    resumed += _step(opt3, sched3, 21)
     assert resumed == pytest.approx(straight)
     assert straight[12] == pytest.approx(0.01) and straight[20] == pytest.approx(0.001)
 
