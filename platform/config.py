@@ -6,6 +6,14 @@ itself is merged last. Command-line overrides (``train.max_iter=300``) are appli
 top, their values parsed as YAML scalars. Validation is strict (unknown keys are
 errors) and happens before any Ray work: :func:`load_config` raises
 :class:`ConfigError` naming the dotted field and, for choices, the allowed values.
+
+Paths: :func:`load_config` runs in the driver and returns a config whose every path is
+absolute (:func:`resolve_paths`): Ray Train runs each worker in its own folder, so a
+relative path would mean something else there. A relative ``work_dir`` is taken against
+the driver's current directory, a relative ``dataset.root`` against ``work_dir``, the
+dataset files against ``dataset.root``, and every other path (teacher weights, proposal
+files and checkpoints, backbone weights, a tracking database) against the current
+directory (docs/architecture.md, "Paths").
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -132,10 +140,26 @@ class ModelConfig(Section):
 class MethodConfig(Section):
     """Which method plugin runs and its loss knobs (see ``methods/``)."""
 
-    name: Literal["vild-text", "vild", "lp-ovod", "ezsd", "cliff"] = "vild-text"
+    name: str = "vild-text"
     temperature: float = Field(0.01, gt=0)
     distill_weight: float = Field(0.0, ge=0)
     learn_temperature: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _implemented(cls, name: str) -> str:
+        """Only names the method registry can build (one list: ``methods/registry.py``).
+
+        Checked here so that a run of an unimplemented method fails before the dataset,
+        teacher and text-bank work, not after it. Imported lazily: the registry imports
+        this module.
+        """
+        from ovdlab.methods.registry import available_methods
+
+        names = available_methods()
+        if name not in names:
+            raise ValueError(f"method {name!r} is not implemented; implemented methods: {', '.join(names)}")
+        return name
 
 
 class TrainConfig(Section):
@@ -169,7 +193,11 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    """MLflow tracking; ``uri`` None means a SQLite file in the work dir."""
+    """MLflow tracking; ``uri`` None means a SQLite file in the work dir.
+
+    ``uri``: ``sqlite:///<file>``, ``http(s)://host:port`` of an ``mlflow server``, or a
+    plain path, taken as a SQLite database file (MLflow's file store is deprecated).
+    """
 
     enabled: bool = True
     uri: str | None = None
@@ -269,6 +297,10 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{full}: top level must be a mapping")
     defaults = data.pop("defaults", []) or []
+    if not isinstance(defaults, list) or not all(isinstance(item, str) and item for item in defaults):
+        raise ConfigError(
+            f"{full}: defaults must be a list of config names, e.g. [datasets/shapes, methods/vild], got {defaults!r}"
+        )
     merged: dict[str, Any] = {}
     for item in defaults:
         merged = deep_merge(merged, load_raw(item, _seen + (full,)))
@@ -327,9 +359,56 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load, compose, override and validate; ``path`` None starts from the defaults."""
+    """Load, compose, override, validate and make every path absolute (driver side).
+
+    ``path`` None starts from the defaults. Workers rebuild the returned config with
+    :func:`build_config` and so see the driver's absolute paths.
+    """
     raw = load_raw(path) if path is not None else {}
-    return build_config(apply_overrides(raw, list(overrides or [])))
+    return resolve_paths(build_config(apply_overrides(raw, list(overrides or []))))
+
+
+def _absolute(path: str | None, base: Path) -> str | None:
+    """``path`` with ``~`` expanded, made absolute against ``base`` (None stays None)."""
+    if path is None:
+        return None
+    full = Path(path).expanduser()
+    return str(full if full.is_absolute() else (base / full).resolve())
+
+
+def _absolute_tracking_uri(uri: str | None, cwd: Path) -> str | None:
+    """A plain path or a relative ``sqlite:///`` file -> ``sqlite:///<absolute file>``."""
+    if uri is None or "://" in uri and not uri.startswith("sqlite:///"):
+        return uri
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    if path in {"", ":memory:"}:
+        return uri
+    return f"sqlite:///{_absolute(path, cwd)}"
+
+
+def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
+    """A copy of ``cfg`` with every path absolute (see the module doc for the bases).
+
+    Idempotent: an absolute path is kept as it is. ``cwd`` defaults to the process's
+    current directory.
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    work_dir = Path(_absolute(cfg.work_dir, cwd))
+    root = Path(_absolute(cfg.dataset.root, work_dir))
+    ds = cfg.dataset
+    dataset = ds.model_copy(update={
+        "root": str(root),
+        **{field: _absolute(getattr(ds, field), root) for field in ("train_json", "val_json", "train_images", "val_images")},
+    })
+    return cfg.model_copy(update={
+        "work_dir": str(work_dir),
+        "dataset": dataset,
+        "teacher": cfg.teacher.model_copy(update={"weights": _absolute(cfg.teacher.weights, cwd)}),
+        "proposals": cfg.proposals.model_copy(update={
+            "file": _absolute(cfg.proposals.file, cwd), "checkpoint": _absolute(cfg.proposals.checkpoint, cwd)}),
+        "model": cfg.model.model_copy(update={"backbone_weights": _absolute(cfg.model.backbone_weights, cwd)}),
+        "tracking": cfg.tracking.model_copy(update={"uri": _absolute_tracking_uri(cfg.tracking.uri, cwd)}),
+    })
 
 
 def dump_yaml(cfg: ExperimentConfig) -> str:

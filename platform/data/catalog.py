@@ -105,25 +105,34 @@ class OVDDataset:
     def _add_annotation(self, ann: dict[str, Any]) -> None:
         image_id, ann_id = ann.get("image_id"), ann.get("id")
 
-        def skip(reason: str) -> None:
-            self.problems.append({"image_id": image_id, "ann_id": ann_id, "reason": reason})
+        def skip(kind: str, reason: str) -> None:
+            self.problems.append({"image_id": image_id, "ann_id": ann_id, "kind": kind, "reason": reason})
 
         if image_id not in self._images:
-            skip(f"unknown image id {image_id!r}")
+            skip("unknown_image", f"unknown image id {image_id!r}")
             return
         if ann.get("category_id") not in self._categories:
-            skip(f"unknown category id {ann.get('category_id')!r}")
+            skip("unknown_category", f"unknown category id {ann.get('category_id')!r}")
             return
         info = self._images[image_id]
         box, reason = _check_box(ann.get("bbox"), info["width"], info["height"])
         if box is None:
-            skip(reason or "invalid bbox")
+            skip("invalid_bbox", reason or "invalid bbox")
             return
         if box != [float(v) for v in ann["bbox"]]:
-            self.clipped.append(
-                {"image_id": image_id, "ann_id": ann_id, "reason": f"bbox {ann['bbox']} clipped to the image: {box}"}
-            )
+            self.clipped.append({
+                "image_id": image_id, "ann_id": ann_id, "kind": "clipped_bbox",
+                "reason": f"bbox {ann['bbox']} clipped to the image: {box}",
+            })
         self._anns[image_id].append({**ann, "bbox": box})
+
+    def problem_counts(self) -> dict[str, int]:
+        """Skipped annotations per kind (``unknown_image``, ``unknown_category``,
+        ``invalid_bbox``) and ``clipped_bbox``: the counts a run and a store record."""
+        counts: dict[str, int] = {}
+        for item in self.problems + self.clipped:
+            counts[item["kind"]] = counts.get(item["kind"], 0) + 1
+        return dict(sorted(counts.items()))
 
     @property
     def categories(self) -> list[dict[str, Any]]:

@@ -15,7 +15,8 @@ Layout written under ``out_dir``::
     annotations/train.json            COCO; base objects only; 20 categories tagged
     annotations/val.json              COCO; every object
     annotations/captions_train.json   {"captions": [...]}, one per train object
-    shapes.json                       generation parameters + content key (last)
+    shapes.json                       generation parameters, content key, digests (last)
+    shapes.partial.json               while generating: parameters + key (removed at the end)
 
 Generation is deterministic: image ``i`` of a split draws from
 ``numpy.random.default_rng((seed, split_code, i))``, so the same config gives
@@ -35,10 +36,10 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from ovdlab.platform.config import ShapesConfig, content_key
+from ovdlab.platform.config import ShapesConfig, content_key, file_digest
 from ovdlab.platform.data._jsonio import write_json_atomic
+from ovdlab.platform.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -337,30 +338,102 @@ def _expected_counts(cfg: ShapesConfig) -> dict[str, int]:
     return {"train": cfg.train_images, "val": cfg.val_images}
 
 
-def _is_complete(out_dir: Path, cfg: ShapesConfig, key: str) -> bool:
-    meta_path = out_dir / "shapes.json"
-    if not meta_path.is_file():
-        return False
+ANNOTATION_FILES = ("train.json", "val.json", "captions_train.json")
+PARTIAL_META = "shapes.partial.json"
+
+
+class ShapesFolderError(ValueError):
+    """The dataset folder holds something other than the requested shapes world; it is left alone."""
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    if meta.get("key") != key:
-        return False
-    for name in ("train.json", "val.json", "captions_train.json"):
-        if not (out_dir / "annotations" / name).is_file():
-            return False
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _config_difference(recorded: dict[str, Any] | None, cfg: ShapesConfig) -> str:
+    """``train_images: folder 40, requested 800; ...`` (or a note when unknown)."""
+    if not isinstance(recorded, dict):
+        return "its generation parameters are unreadable"
+    wanted = cfg.model_dump(mode="json")
+    diff = [f"{k}: folder {recorded.get(k)!r}, requested {wanted.get(k)!r}"
+            for k in sorted(set(recorded) | set(wanted)) if recorded.get(k) != wanted.get(k)]
+    return "; ".join(diff) or "same parameters, other generator version"
+
+
+def _generated_files(out_dir: Path) -> list[Path]:
+    """The files in ``out_dir`` that this generator would write (some may be foreign)."""
+    found = [out_dir / "annotations" / name for name in ANNOTATION_FILES if (out_dir / "annotations" / name).is_file()]
+    for split in SPLIT_CODES:
+        folder = out_dir / "images" / split
+        if folder.is_dir():
+            found += [p for p in folder.iterdir() if _IMAGE_NAME.match(p.name)]
+    return found
+
+
+def _content_problems(out_dir: Path, cfg: ShapesConfig, meta: dict[str, Any]) -> list[str]:
+    """How a folder generated with these parameters differs from what was written."""
+    problems = []
+    digests = meta.get("digests")  # None in worlds written before digests were recorded
+    for name in ANNOTATION_FILES:
+        path = out_dir / "annotations" / name
+        if not path.is_file():
+            problems.append(f"annotations/{name} is missing")
+        elif digests is not None and digests.get(name) != file_digest(path):
+            problems.append(f"annotations/{name} differs from the generated file")
     for split, count in _expected_counts(cfg).items():
         folder = out_dir / "images" / split
-        if not folder.is_dir() or sum(1 for p in folder.iterdir() if _IMAGE_NAME.match(p.name)) != count:
-            return False
-    return True
+        found = sum(1 for p in folder.iterdir() if _IMAGE_NAME.match(p.name)) if folder.is_dir() else 0
+        if found != count:
+            problems.append(f"images/{split} has {found} images, the world has {count}")
+    return problems
+
+
+def _check_folder(out_dir: Path, cfg: ShapesConfig, key: str) -> bool:
+    """True when ``out_dir`` holds exactly this world; False when it may be (re)generated.
+
+    Generating may overwrite only a folder without generator files, or one this
+    generator left unfinished with the same parameters (``shapes.partial.json``). A
+    finished world of other parameters, a finished world whose files were changed
+    since, or files that no generation of these parameters wrote raise
+    :class:`ShapesFolderError` naming the difference: the folder is never wiped.
+    """
+    meta = _read_meta(out_dir / "shapes.json")
+    if meta is not None:
+        if meta.get("key") != key:
+            raise ShapesFolderError(
+                f"{out_dir} holds another shapes world ({_config_difference(meta.get('config'), cfg)}); "
+                f"it is not overwritten. Point dataset.root at another folder or delete this one."
+            )
+        problems = _content_problems(out_dir, cfg, meta)
+        if problems:
+            raise ShapesFolderError(
+                f"{out_dir} holds the shapes world {key} but its files were changed since it was generated "
+                f"({'; '.join(problems)}); it is not overwritten. Delete the folder to generate it again."
+            )
+        return True
+    partial = _read_meta(out_dir / PARTIAL_META)
+    if partial is not None and partial.get("key") != key:
+        raise ShapesFolderError(
+            f"{out_dir} holds an unfinished generation of another shapes world "
+            f"({_config_difference(partial.get('config'), cfg)}); it is not overwritten."
+        )
+    existing = _generated_files(out_dir)
+    if partial is None and existing:
+        raise ShapesFolderError(
+            f"{out_dir} has {len(existing)} files that ovdlab's shapes generator did not write "
+            f"(no shapes.json, e.g. {existing[0]}); it is not overwritten. Point dataset.root at an empty folder."
+        )
+    return False
 
 
 def _clear_previous(out_dir: Path) -> None:
     """Remove only the files this generator writes (never other files in ``out_dir``)."""
     (out_dir / "shapes.json").unlink(missing_ok=True)
-    for name in ("train.json", "val.json", "captions_train.json"):
+    for name in ANNOTATION_FILES:
         (out_dir / "annotations" / name).unlink(missing_ok=True)
     for split in SPLIT_CODES:
         folder = out_dir / "images" / split
@@ -382,19 +455,22 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig | None = None) -> Path:
     """Generate the shapes world into ``out_dir`` (skipped when already complete).
 
     Returns ``out_dir``. A folder whose ``shapes.json`` carries the same content key
-    and whose files are all present is reused; otherwise the generator's own files
-    are removed and rewritten. ``shapes.json`` is written last, so an interrupted run
-    is never taken for a complete dataset.
+    and whose files are unchanged is reused; an empty folder, or one this generator
+    left unfinished with the same parameters, is (re)generated; anything else is
+    refused (:func:`_check_folder`). ``shapes.json`` is written last, so an
+    interrupted run is never taken for a complete dataset.
     """
     cfg = cfg if cfg is not None else ShapesConfig()
     out_dir = Path(out_dir)
     novel = _validate(cfg)
     key = dataset_key(cfg)
-    if _is_complete(out_dir, cfg, key):
+    if _check_folder(out_dir, cfg, key):
         log.info("shapes dataset %s already complete at %s; not regenerating", key, out_dir)
         return out_dir
     log.info("generating shapes dataset %s into %s", key, out_dir)
     _clear_previous(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / PARTIAL_META, {"key": key, "config": cfg.model_dump(mode="json")})
     categories = _categories(novel)
     cat_id = {c["name"]: c["id"] for c in categories}
     ext = cfg.image_format
@@ -407,7 +483,7 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig | None = None) -> Path:
         annotations: list[dict[str, Any]] = []
         captions: list[dict[str, Any]] = []
         n_images = _expected_counts(cfg)[split]
-        for index in tqdm(range(n_images), desc=f"shapes {split}", leave=False, disable=None):
+        for index in progress(range(n_images), desc=f"shapes world: {split} images", unit="img"):
             image_id = next_image_id + index
             img, placed, texts = _generate_image(cfg, split, index)
             file_name = f"{image_id:06d}.{ext}"
@@ -452,7 +528,9 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig | None = None) -> Path:
         "classes": class_names(),
         "novel": sorted(novel, key=class_names().index),
         "counts": counts,
+        "digests": {name: file_digest(out_dir / "annotations" / name) for name in ANNOTATION_FILES},
     }
     write_json_atomic(out_dir / "shapes.json", meta)
+    (out_dir / PARTIAL_META).unlink()
     log.info("shapes dataset %s written: %s", key, counts)
     return out_dir

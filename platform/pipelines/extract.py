@@ -44,7 +44,7 @@ from ovdlab.platform.cluster import ensure_ray
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
 from ovdlab.platform.pipelines import rows as R
-from ovdlab.platform.pipelines.stages import StageSpec, extraction_stage
+from ovdlab.platform.pipelines.stages import StageSpec, check_store_inputs, extraction_stage, images_fingerprint
 from ovdlab.platform.pipelines.workers import EmbedBatch, ProposeBatch, WriteBatch, decode_batch
 from ovdlab.platform.proposals.base import ProposalSource, build_proposal_source
 from ovdlab.platform.store.reader import is_complete
@@ -164,6 +164,7 @@ class ExtractionPlan:
             "crop": self.cfg.store.crop,
             "content_key": self.stage.key,
             "stage_inputs": self.stage.inputs,
+            "annotation_problems": self.dataset.problem_counts(),
         }
 
     def writer(self) -> RegionStoreWriter:
@@ -198,7 +199,10 @@ def plan_extraction(cfg: ExperimentConfig, split: str = "train") -> ExtractionPl
     checkpoint = teacher_checkpoint(cfg)
     teacher = load_teacher(cfg.teacher, cfg.work_path(), "cpu", checkpoint=checkpoint)
     source = build_proposal_source(cfg, dataset, embed_dim=teacher.embed_dim)
-    stage = extraction_stage(cfg, split, dataset.ann_json, teacher.teacher_id, teacher.digest, source.fingerprint())
+    images = images_fingerprint(dataset.image_dir, (dataset.image_info(i)["file_name"] for i in dataset.image_ids))
+    stage = extraction_stage(
+        cfg, split, dataset.ann_json, images, teacher.teacher_id, teacher.digest, source.fingerprint()
+    )
     return ExtractionPlan(cfg, split, dataset, teacher, checkpoint, source, stage)
 
 
@@ -288,8 +292,10 @@ def run_extraction(cfg: ExperimentConfig, split: str = "train", plan: Extraction
     plan = plan or plan_extraction(cfg, split)
     root = plan.stage.path
     if is_complete(root):
+        manifest = Manifest.load(root)
+        check_store_inputs(root, manifest.fields.get("stage_inputs"), plan.stage.inputs)
         log.info("region store %s is complete; reusing it", root)
-        return _summary(plan, Manifest.load(root), 0, start, skipped=True)
+        return _summary(plan, manifest, 0, start, skipped=True)
     writer = plan.writer()
     done = writer.done_image_ids()
     todo = [i for i in plan.dataset.image_ids if i not in done]

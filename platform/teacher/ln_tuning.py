@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from ovdlab.platform.config import content_key, file_digest
 from ovdlab.platform.data.catalog import OVDDataset
+from ovdlab.platform.progress import progress
 from ovdlab.platform.teacher.loading import Teacher, safe_name, state_digest, teachers_dir, write_checkpoint
 from ovdlab.platform.teacher.prompts import class_prompts
 from ovdlab.platform.teacher.regions import crop_regions, image_tensor
@@ -135,7 +135,7 @@ def tune_layernorm(
     model.train()
     start = time.time()
     steps, last = 0, float("nan")
-    bar = tqdm(total=epochs * -(-n_boxes // batch_size), desc="teacher: LN tuning", leave=False, disable=None)
+    bar = progress(total=epochs * -(-n_boxes // batch_size), desc="teacher: LN tuning", unit="step")
     for _ in range(epochs):
         for crops, labels in _batches(teacher, dataset, image_ids, index, batch_size, gen):
             region = F.normalize(model.encode_image(crops.to(teacher.device)), dim=-1)

@@ -35,10 +35,10 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from tqdm import tqdm
 
 from ovdlab.platform.config import ExperimentConfig, TeacherConfig, content_key
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset
+from ovdlab.platform.progress import progress
 from ovdlab.platform.teacher.loading import (
     TINY_CONFIG,
     TINY_MODEL,
@@ -87,7 +87,7 @@ def _read_captions(dataset_root: Path) -> tuple[list[torch.Tensor], list[torch.T
     for item in captions:
         by_image.setdefault(int(item["image_id"]), []).append(item)
     images, boxes, texts = [], [], []
-    for image_id in tqdm(sorted(by_image), desc="teacher: load crops", leave=False, disable=None):
+    for image_id in progress(sorted(by_image), desc="teacher: load crops", unit="img"):
         images.append(image_tensor(train.image_path(image_id)))
         boxes.append(torch.tensor([_xyxy(c["bbox"]) for c in by_image[image_id]], dtype=torch.float32))
         texts.append([str(c["caption"]) for c in by_image[image_id]])
@@ -239,7 +239,7 @@ def _pretrain(
     loss_fn = ClipLoss()
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    bar = tqdm(total=total, desc="teacher: pretrain shapes-tiny", leave=False, disable=None)
+    bar = progress(total=total, desc="teacher: pretrain shapes-tiny", unit="step")
     last = float("nan")
     for _ in range(epochs):
         crops = _epoch_crops(images, boxes, size, mean, std, gen)

@@ -44,6 +44,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 LONG_PARAMS_ARTIFACT = "params_long.json"
 CONFIG_ARTIFACT = "config.yaml"
 LONG_PARAM_POINTER = f"<in {LONG_PARAMS_ARTIFACT}>"
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3's UI opens an experiment without this tag in its GenAI overview (traces);
+``custom_model_development`` makes it open on the runs table, where training runs are read."""
 
 
 def git_commit(repo: Path = REPO_ROOT) -> str:
@@ -150,7 +153,9 @@ class Tracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is None:
             try:
-                return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
+                return self.client.create_experiment(
+                    self.experiment, artifact_location=self.artifact_location, tags=EXPERIMENT_TAGS
+                )
             except MlflowException as err:
                 # Another process (a parallel sweep trial) created it first.
                 if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
@@ -163,6 +168,9 @@ class Tracker:
                 f"experiment {self.experiment!r} in {self.uri} is deleted; restore it "
                 f"(MlflowClient.restore_experiment) or set tracking.experiment to another name"
             )
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in found.tags:
+                self.client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
 
     @property

@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset
@@ -30,6 +29,7 @@ from ovdlab.platform.detector.model import OVDDetector
 from ovdlab.platform.evaluation import evaluate
 from ovdlab.platform.evaluation.coco_eval import SplitMetrics
 from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
+from ovdlab.platform.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def detect_split(
     )
     results: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    bar = tqdm(total=len(ids), desc=f"evaluate {dataset.ann_json.name}", unit="img", disable=not progress or None, leave=False)
+    bar = progress_bar(total=len(ids), desc=f"evaluate {dataset.ann_json.name}", unit="img") if progress else None
     for batch in loader:
         good = [(i, img) for i, img, err in batch if img is not None]
         for image_id, _, err in batch:
@@ -113,8 +113,10 @@ def detect_split(
         if good:
             dets = predict_images(model, [img for _, img in good], text, cfg.eval, cfg.model.min_size, cfg.model.max_size)
             results.extend(detections_to_coco(dets, [i for i, _ in good], category_ids))
-        bar.update(len(batch))
-    bar.close()
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
     return results, skipped
 
 

@@ -22,7 +22,10 @@ checkpoint in ``ray.train.get_checkpoint()`` and continues from its step.
 
 Losses of every step go to MLflow from rank 0 only, batched every ``LOG_PERIOD``
 steps, into the job's single run (the tracker handed over by the driver already has
-it open). The same loop runs in-process (:class:`LocalSession`) for benchmarks and
+it open). At each of those flushes rank 0 prints one progress line (step, loss, steps/s,
+ETA) to its stdout, which Ray forwards to the driver's console. Images skipped because
+they cannot be decoded -- in training and in evaluation -- are counted in the reported
+metrics and listed in the run's ``problems/`` artifacts. The same loop runs in-process (:class:`LocalSession`) for benchmarks and
 debugging.
 """
 
@@ -56,7 +59,7 @@ from ovdlab.platform.train.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
-from ovdlab.platform.train.evaluate import evaluate_model, selection_metric
+from ovdlab.platform.train.evaluate import EvalOutput, evaluate_model, selection_metric
 from ovdlab.platform.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,10 @@ LOG_PERIOD = 20
 UNTIMED_STEPS = 3
 """First steps of a (re)started loop left out of the throughput figures (allocator, caches)."""
 MAX_BAD_IMAGES_IN_A_ROW = 16
+EVAL_SKIP_SCORING = (
+    "no detections: an undecodable validation image stays in the ground truth, so its boxes count as "
+    "missed (false negatives) and lower recall and AP"
+)
 NOT_EVALUATED = -1.0
 """Selection metric of a checkpoint saved without evaluation: below every AP, and finite
 (Ray Train persists the checkpoint metrics as JSON, where NaN does not survive a restore)."""
@@ -108,6 +115,7 @@ class LoopSummary:
     step_seconds: float = 0.0
     data_seconds: float = 0.0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    skipped_images: list[str] = field(default_factory=list)
 
     @property
     def steps_per_second(self) -> float:
@@ -209,11 +217,13 @@ class LocalSession:
 
 
 class _SkipUndecodable(Dataset):
-    """Training items; an image that cannot be decoded is logged and replaced by the next.
+    """Training items; an image that cannot be decoded is replaced by the next one.
 
     The replacement keeps batches full and every rank's step count equal (DDP needs
     both); a run of undecodable files longer than ``MAX_BAD_IMAGES_IN_A_ROW`` means a
-    broken dataset and raises, naming the last file.
+    broken dataset and raises, naming the last file. Each item carries the errors of the
+    images skipped for it (``(image, target, errors)``), so the loop can count them
+    whether the item was made in this process or in a loader worker.
     """
 
     def __init__(self, inner: DetectionDataset) -> None:
@@ -223,14 +233,21 @@ class _SkipUndecodable(Dataset):
         return len(self.inner)
 
     def __getitem__(self, idx: int) -> Any:
-        last: ImageDecodeError | None = None
+        errors: list[str] = []
         for offset in range(MAX_BAD_IMAGES_IN_A_ROW):
             try:
-                return self.inner[(idx + offset) % len(self.inner)]
+                image, target = self.inner[(idx + offset) % len(self.inner)]
+                return image, target, errors
             except ImageDecodeError as err:
                 log.warning("training skips an undecodable image: %s", err)
-                last = err
-        raise RuntimeError(f"{MAX_BAD_IMAGES_IN_A_ROW} undecodable training images in a row; last: {last}")
+                errors.append(str(err))
+        raise RuntimeError(f"{MAX_BAD_IMAGES_IN_A_ROW} undecodable training images in a row; last: {errors[-1]}")
+
+
+def _collate_with_skips(batch: list[tuple[Any, Any, list[str]]]) -> tuple[list[Any], list[Any], list[str]]:
+    """:func:`collate_fn` of the images and targets, plus the batch's skipped-image errors."""
+    images, targets = collate_fn([(image, target) for image, target, _ in batch])
+    return images, targets, [err for _, _, errors in batch for err in errors]
 
 
 def load_text_banks(path: str | Path) -> dict[str, dict[str, Any]]:
@@ -273,7 +290,7 @@ def _train_loader(
         batch_size=per_worker,
         sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_fn,
+        collate_fn=_collate_with_skips,
         drop_last=True,
         pin_memory=torch.cuda.is_available() and cfg.ray.use_gpu,
         persistent_workers=workers > 0,
@@ -366,9 +383,11 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     params = [p for p in raw.parameters() if p.requires_grad]
     pending: list[tuple[int, dict[str, torch.Tensor]]] = []
     model.train()
+    progress = _Progress(rank0, start, end, tcfg.max_iter)
     for step in range(start, end):
         t0 = time.perf_counter()
-        images, targets = next(batches)
+        images, targets, skipped = next(batches)
+        summary.skipped_images.extend(skipped)
         images = [im.to(device, non_blocking=True) for im in images]
         targets = targets_to(targets, device)
         t_data = time.perf_counter() - t0
@@ -400,25 +419,80 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
             rows = _flush(pending, summary)
             pending = []
             _log_losses(tracker, rows)
-            log.info("step %d/%d: loss %.4f lr %.5f", done, tcfg.max_iter, rows[-1][1]["total_loss"], lr)
+            progress.step(done, rows[-1][1]["total_loss"], lr)
         if save_now:
             metrics: dict[str, Any] = {"step": done, metric_name: NOT_EVALUATED}
             results = None
             if evaluate_now and rank0 and val_set is not None:
+                progress.say(f"step {done}: evaluating {len(val_set)} {val_set.ann_json.name} images with all classes")
+                t_eval = time.perf_counter()
                 out = evaluate_model(cfg, _unwrap(model), val_set, eval_text, progress=False)
                 results = out.results
                 metrics.update(out.metrics.as_dict())
+                metrics["eval_skipped_images"] = len(out.skipped)
                 summary.last_metrics = out.metrics.as_dict()
-                if tracker is not None:
-                    tracker.log_metrics({f"val/{k}": v for k, v in out.metrics.as_dict().items()}, step=done)
-                log.info("step %d: %s", done, json.dumps(out.metrics.as_dict()))
-            metrics.update(
-                {"steps_per_second": summary.steps_per_second, "data_fraction": summary.data_fraction, "loss": summary.losses[-1]}
-            )
+                _log_eval(tracker, out, done)
+                progress.say(f"step {done}: {json.dumps(out.metrics.as_dict())} ({time.perf_counter() - t_eval:.0f} s)")
+            metrics.update({
+                "steps_per_second": summary.steps_per_second, "data_fraction": summary.data_fraction,
+                "loss": summary.losses[-1], "train_skipped_images": len(summary.skipped_images),
+            })
             metrics = _finite(metrics, metric_name)
             _checkpoint_and_report(session, cfg, raw, meta, optimizer, scheduler, scaler, done, metrics, results)
             summary.end_step = done
+    _log_train_skips(tracker, summary)
     return summary
+
+
+class _Progress:
+    """Rank 0's progress lines: ``step 40/300 (13%)  loss 1.234  lr 0.02  0.9 steps/s  ETA 4m50s``.
+
+    Printed (flushed) rather than logged: Ray forwards a worker's stdout to the driver's
+    console, where the user waits, whatever logging the worker process has set up.
+    """
+
+    def __init__(self, enabled: bool, start: int, end: int, total: int) -> None:
+        self.enabled, self.start, self.end, self.total = enabled, start, end, total
+        self.t0 = time.perf_counter()
+        if start:
+            self.say(f"resuming at step {start}/{total}")
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(f"[ovdlab train] {message}", flush=True)
+
+    def step(self, done: int, loss: float, lr: float) -> None:
+        rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.end - done) / rate if rate > 0 else float("nan")
+        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+        self.say(
+            f"step {done}/{self.total} ({100 * done / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.5f}  "
+            f"{rate:.2f} steps/s  ETA {eta_text}"
+        )
+
+
+def _log_eval(tracker: Tracker | None, out: EvalOutput, step: int) -> None:
+    """Validation metrics at ``step``; skipped images counted and listed with how they were scored."""
+    if tracker is None:
+        return
+    tracker.log_metrics({f"val/{k}": v for k, v in out.metrics.as_dict().items()}, step=step)
+    tracker.log_metrics({"problems/eval_skipped_images": len(out.skipped)}, step=step)
+    if out.skipped:
+        tracker.log_dict(
+            {"scored_as": EVAL_SKIP_SCORING, "images": out.skipped}, f"problems/eval_skipped_images_step{step}.json"
+        )
+
+
+def _log_train_skips(tracker: Tracker | None, summary: LoopSummary) -> None:
+    """Training images replaced because they could not be decoded, with their errors."""
+    if tracker is None:
+        return
+    tracker.log_metrics({"problems/train_skipped_images": len(summary.skipped_images)}, step=summary.end_step)
+    if summary.skipped_images:
+        tracker.log_dict(
+            {"from_step": summary.start_step, "to_step": summary.end_step, "errors": summary.skipped_images},
+            f"problems/train_skipped_images_steps{summary.start_step}-{summary.end_step}.json",
+        )
 
 
 def _finite(metrics: dict[str, Any], metric_name: str) -> dict[str, Any]:

@@ -23,8 +23,13 @@ run it:
    (:func:`~ovdlab.platform.evaluation.reporting.log_evaluation`); its weights and
    config are logged as the run's ``checkpoint/`` artifacts for ``ovdlab predict --run``.
 
-The run name is ``tracking.run_name`` or ``<name>-<config hash>``: rerunning an
-unchanged config resumes it; a changed config is a new run.
+The run name is ``tracking.run_name`` or ``<method>-<dataset>-<config hash>``:
+rerunning an unchanged config resumes it; a changed config is a new run.
+
+Before the trainer starts, the driver checks every file the workers will read
+(:func:`check_worker_inputs`): a missing one is one clear error, not a traceback from
+each retried worker. Annotations the dataset skipped or clipped are recorded in the run
+(``problems/*`` metrics and the ``problems/annotations_<split>.json`` tables).
 """
 
 from __future__ import annotations
@@ -84,17 +89,21 @@ class TrainResult:
 
 @dataclass
 class Prepared:
-    """Inputs of the loop made on the driver."""
+    """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them."""
 
     text_path: Path
     store_path: Path | None
     train_classes: list[str]
     eval_classes: list[str]
+    datasets: dict[str, OVDDataset]
 
 
 def run_name_for(cfg: ExperimentConfig) -> str:
-    """``tracking.run_name`` or ``<name>-<config hash>`` (an unchanged config resumes)."""
-    return cfg.tracking.run_name or f"{cfg.name}-{cfg.content_hash()}"
+    """``tracking.run_name`` or ``<method>-<dataset>-<8 hex of the config hash>``.
+
+    Readable in the MLflow runs table, and stable: an unchanged config resumes its run.
+    """
+    return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.dataset.kind}-{cfg.content_hash()[:8]}"
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -154,7 +163,44 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
         from ovdlab.platform.pipelines.extract import run_extraction
 
         store_path = run_extraction(cfg, "train").store
-    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"])
+    datasets = {"train": train_set, "val": val_set}
+    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets)
+
+
+def check_worker_inputs(cfg: ExperimentConfig, prepared: Prepared) -> None:
+    """Every file a training worker reads exists and is named by an absolute path.
+
+    Workers run in their own folders (Ray Train V2 starts them in the run's artifacts
+    directory), so a relative path would resolve elsewhere there; a missing file would
+    fail each retried worker group with the same traceback.
+    """
+    needed: dict[str, Path] = {"text bank": prepared.text_path}
+    for split, dataset in prepared.datasets.items():
+        needed[f"{split} annotations"] = dataset.ann_json
+        needed[f"{split} images"] = dataset.image_dir
+    if prepared.store_path is not None:
+        needed["region store manifest"] = prepared.store_path / "manifest.json"
+    relative = [f"{what}: {path}" for what, path in needed.items() if not Path(path).is_absolute()]
+    if relative:
+        raise ValueError("training inputs must be absolute paths (load the config with load_config): " + "; ".join(relative))
+    missing = [f"{what}: {path}" for what, path in needed.items() if not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError("training inputs missing before the trainer starts: " + "; ".join(missing))
+
+
+def log_dataset_problems(tracker: Tracker, datasets: dict[str, OVDDataset]) -> None:
+    """Skipped and clipped annotations per split: counts as metrics, the rows as tables."""
+    if not tracker.enabled:
+        return
+    counts: dict[str, float] = {}
+    for split, dataset in datasets.items():
+        by_kind = dataset.problem_counts()
+        counts[f"problems/{split}_annotations_skipped"] = len(dataset.problems)
+        counts.update({f"problems/{split}_{kind}": n for kind, n in by_kind.items()})
+        if by_kind:
+            tracker.log_dict({"skipped": dataset.problems, "clipped": dataset.clipped},
+                             f"problems/annotations_{split}.json")
+    tracker.log_metrics(counts)
 
 
 def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_failures: int = DEFAULT_MAX_FAILURES):
@@ -265,12 +311,15 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
     info = _read_run_info(run_dir, cfg)
     tracker = tracker_from_config(cfg)
     prepared = prepare_training(cfg, run_dir)
+    check_worker_inputs(cfg, prepared)
     ensure_ray(cfg)
     metric = selection_metric(cfg.dataset.kind)
     tags = {"run_name": name, "kind": "train"}
     with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:
         _write_run_info(run_dir, cfg, tracker, run_id)
         tracker.log_config(cfg)
+        log_dataset_problems(tracker, prepared.datasets)
+        log.info("training %s: checkpoints under %s, MLflow run %s in %s", name, run_dir, run_id, tracker.uri)
         args = LoopArgs(
             cfg=cfg.model_dump(mode="json"),
             text_path=str(prepared.text_path),

@@ -15,6 +15,7 @@ from ovdlab.platform.config import (
     dump_yaml,
     flatten,
     load_config,
+    resolve_paths,
 )
 
 
@@ -114,3 +115,59 @@ def test_every_shipped_config_validates(repo_root):
     assert files, "configs/ ships YAML files"
     for path in files:
         load_config(path)
+
+
+def test_load_config_makes_every_path_absolute(tmp_path, monkeypatch):
+    """The quick-start failure: Ray Train workers run in their own folder, so the driver
+    hands them absolute paths only (a relative ``work_dir`` resolved elsewhere there)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("experiments/vild_text_shapes", [
+        "teacher.weights=weights/clip.bin",
+        "proposals.source=file", "proposals.file=props.json", "proposals.checkpoint=runs/x",
+        "model.backbone_weights=~/r18.pth",
+        "tracking.uri=db/mlflow.db",
+    ])
+    work = tmp_path / "work"
+    assert cfg.work_dir == str(work)
+    assert cfg.dataset.root == str(work / "data" / "shapes")
+    assert cfg.dataset.train_json == str(work / "data" / "shapes" / "annotations" / "train.json")
+    assert cfg.dataset.val_images == str(work / "data" / "shapes" / "images" / "val")
+    assert cfg.teacher.weights == str(tmp_path / "weights" / "clip.bin")
+    assert (cfg.proposals.file, cfg.proposals.checkpoint) == (str(tmp_path / "props.json"), str(tmp_path / "runs" / "x"))
+    assert cfg.model.backbone_weights == str(Path("~/r18.pth").expanduser())
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path / 'db' / 'mlflow.db'}"
+
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # a worker rebuilding the driver's config in another folder
+    again = build_config(cfg.model_dump(mode="json"))
+    assert again == cfg and again.work_path() == work and again.dataset_root() == work / "data" / "shapes"
+    assert resolve_paths(cfg) == cfg
+
+
+def test_absolute_paths_and_server_uris_are_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["work_dir=/shared/ovdlab", "dataset.root=/data/coco", "tracking.uri=http://mlflow:5000"])
+    assert (cfg.work_dir, cfg.dataset.root, cfg.tracking.uri) == ("/shared/ovdlab", "/data/coco", "http://mlflow:5000")
+    assert load_config(None, ["tracking.uri=sqlite:////abs/m.db"]).tracking.uri == "sqlite:////abs/m.db"
+    assert load_config(None, ["tracking.uri=sqlite:///rel/m.db"]).tracking.uri == f"sqlite:///{tmp_path / 'rel' / 'm.db'}"
+
+
+def test_defaults_must_be_a_list_of_names(tmp_path):
+    """A string was iterated by character (``d``, ``a``, ...) before."""
+    bad = write(tmp_path / "exp.yaml", {"defaults": "datasets/shapes"})
+    with pytest.raises(ConfigError, match="defaults must be a list of config names"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="defaults must be a list"):
+        load_config(write(tmp_path / "exp2.yaml", {"defaults": [{"datasets": "shapes"}]}))
+
+
+def test_method_name_must_be_implemented_before_any_work():
+    """One list of names: the registry's. ``lp-ovod`` was accepted and failed after the data work."""
+    from ovdlab.methods.registry import available_methods
+
+    with pytest.raises(ConfigError, match=r"method\.name: .*'lp-ovod' is not implemented; implemented methods: "
+                                          + ", ".join(available_methods())):
+        load_config(None, ["method.name=lp-ovod"])
+    for name in available_methods():
+        assert load_config(None, [f"method.name={name}"]).method.name == name

@@ -17,8 +17,11 @@ from ovdlab.platform.data.shapes import (
     MAX_SIZE_FRAC,
     MIN_SIZE_FRAC,
     MIN_VISIBLE_FRAC,
+    PARTIAL_META,
     SHAPE_NAMES,
+    ShapesFolderError,
     class_names,
+    dataset_key,
     generate_image,
     generate_shapes,
     mask_box,
@@ -162,19 +165,64 @@ def test_complete_dataset_is_reused(tmp_path: Path, caplog: pytest.LogCaptureFix
     assert (root / "shapes.json").stat().st_mtime_ns == stamp
 
 
-def test_interrupted_or_changed_dataset_is_regenerated(tmp_path: Path) -> None:
+def test_interrupted_generation_is_finished(tmp_path: Path) -> None:
+    """A run that died mid-way (``shapes.partial.json`` left, no ``shapes.json``) is redone."""
     cfg = ShapesConfig(train_images=5, val_images=2, image_size=48)
     root = generate_shapes(tmp_path / "w", cfg)
     reference = _files(root)
-    (root / "images" / "train" / "000003.png").unlink()  # as if the run died mid-way
+    meta = (root / "shapes.json").read_text()
+    (root / "shapes.json").unlink()
+    (root / "images" / "train" / "000003.png").unlink()
+    (root / PARTIAL_META).write_text(json.dumps({"key": dataset_key(cfg), "config": cfg.model_dump(mode="json")}))
     generate_shapes(root, cfg)
-    assert _files(root) == reference
+    assert _files(root) == reference and (root / "shapes.json").read_text() == meta
+    assert not (root / PARTIAL_META).exists()
+
+
+def test_world_of_other_parameters_is_refused_not_overwritten(tmp_path: Path) -> None:
+    """The bad-input probe: a 40/20 folder was wiped and rewritten as 800/200."""
+    small = ShapesConfig(train_images=4, val_images=2, image_size=48)
+    root = generate_shapes(tmp_path / "w", small)
+    before = _files(root)
+    with pytest.raises(ShapesFolderError, match=r"train_images: folder 4, requested 6"):
+        generate_shapes(root, small.model_copy(update={"train_images": 6}))
+    assert _files(root) == before
+
+
+@pytest.mark.parametrize("change", ["delete image", "edit annotations"])
+def test_changed_world_is_refused_naming_the_change(tmp_path: Path, change: str) -> None:
+    cfg = ShapesConfig(train_images=4, val_images=2, image_size=48)
+    root = generate_shapes(tmp_path / "w", cfg)
+    if change == "delete image":
+        (root / "images" / "train" / "000003.png").unlink()
+        expected = "images/train has 3 images, the world has 4"
+    else:
+        val = _load(root, "val.json")
+        val["annotations"] = val["annotations"][:-1]
+        (root / "annotations" / "val.json").write_text(json.dumps(val))
+        expected = "annotations/val.json differs"
+    before = _files(root)
+    with pytest.raises(ShapesFolderError, match=expected):
+        generate_shapes(root, cfg)
+    assert _files(root) == before
+
+
+def test_folder_not_written_by_the_generator_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "images" / "train" / "000001.png").write_bytes(b"a user's image")
     (root / "notes.txt").write_text("not ours")
-    smaller = cfg.model_copy(update={"train_images": 2, "seed": 1})
-    generate_shapes(root, smaller)
-    assert sorted(p.name for p in (root / "images" / "train").iterdir()) == ["000001.png", "000002.png"]
+    with pytest.raises(ShapesFolderError, match="did not write"):
+        generate_shapes(root, ShapesConfig(train_images=2, val_images=2, image_size=48))
+    assert (root / "images" / "train" / "000001.png").read_bytes() == b"a user's image"
+
+
+def test_other_files_in_the_folder_are_kept(tmp_path: Path) -> None:
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "notes.txt").write_text("not ours")
+    generate_shapes(root, ShapesConfig(train_images=2, val_images=2, image_size=48))
     assert (root / "notes.txt").read_text() == "not ours"
-    assert json.loads((root / "shapes.json").read_text())["config"]["seed"] == 1
 
 
 def test_jpg_format(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,37 @@ def test_reservations_fit_a_two_core_machine(tmp_path):
     assert gpu.embed_gpus == 0.5 and gpu.propose_gpus == 0
     with pytest.raises(ValueError, match="too few"):
         fit_resources(cfg, needs_model=True, cluster_cpus=0.3)
+
+
+def test_changed_images_make_a_new_store_and_a_contradicting_store_is_refused(shapes_root, tmp_path):
+    """The bad-input probe: after images were repaired (same annotation file) the old store
+    with its old failures was reused. Now the images' fingerprint is in the key, and a
+    finished store whose manifest records other inputs is refused."""
+    from ovdlab.platform.pipelines.stages import StoreMismatchError
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    cfg = _config(tmp_path / "work", f"dataset.root={root}")
+    first = extract_in_process(cfg, "train")
+    again = run_extraction(cfg, "train")  # complete: reused without any Ray work
+    assert again.skipped and again.store == first.store
+
+    image = sorted((root / "images" / "train").iterdir())[5]
+    image.write_bytes(image.read_bytes())  # "repaired": same name, new file
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+    repaired = plan_extraction(cfg, "train").stage
+    assert repaired.key != first.key and repaired.path != first.store
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    assert plan_extraction(_config(tmp_path / "work", f"dataset.root={moved}"), "train").stage.key != first.key
+
+    manifest_path = first.store / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["stage_inputs"]["images"]["count"] == TRAIN_IMAGES
+    assert manifest["annotation_problems"] == {}
+    manifest["stage_inputs"]["crop"] = "1.2x-square"  # a folder edited by hand or written by other code
+    manifest_path.write_text(json.dumps(manifest))
+    unchanged = plan_extraction(cfg, "train")
+    at_old_key = replace(unchanged, stage=replace(unchanged.stage, key=first.key, path=first.store))
+    with pytest.raises(StoreMismatchError, match="crop: store has '1.2x-square', request has 'plain'"):
+        run_extraction(cfg, "train", plan=at_old_key)

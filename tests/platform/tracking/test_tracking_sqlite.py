@@ -72,7 +72,7 @@ def test_experiment_per_dataset() -> None:
 
 def test_log_config_params_long_value_artifacts_and_tags(tracker: Tracker, tmp_path: Path) -> None:
     long_name = "n" * (MAX_PARAM_VAL_LENGTH + 1)
-    cfg = ExperimentConfig(name=long_name, method={"name": "ezsd"})
+    cfg = ExperimentConfig(name=long_name, method={"name": "vild"})
     with tracker.start_run("config") as run_id:
         tracker.log_config(cfg)
     client = MlflowClient(tracker.uri)
@@ -92,7 +92,7 @@ def test_log_config_params_long_value_artifacts_and_tags(tracker: Tracker, tmp_p
 
     assert run.data.tags["config_hash"] == cfg.content_hash()
     assert run.data.tags["dataset"] == "shapes"
-    assert run.data.tags["method"] == "ezsd"
+    assert run.data.tags["method"] == "vild"
     assert run.data.tags["git_commit"] == git_commit()
     assert run.info.status == "FINISHED"
 
@@ -270,3 +270,13 @@ def test_file_store_uri_is_refused(tmp_path: Path) -> None:
         Tracker(str(tmp_path / "mlruns"), "shapes")
     with pytest.raises(TrackingError, match="file store"):
         Tracker((tmp_path / "mlruns").as_uri(), "shapes")
+
+
+def test_experiments_open_as_model_training_in_the_ui(tracker: Tracker, store: tuple[str, str]) -> None:
+    """MLflow 3's UI shows an untagged experiment as a GenAI overview; ours are training runs."""
+    client = MlflowClient(tracker.uri)
+    assert client.get_experiment(tracker.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    older = client.create_experiment("made-before-the-tag", artifact_location=store[1])
+    assert "mlflow.experimentKind" not in client.get_experiment(older).tags
+    Tracker(tracker.uri, "made-before-the-tag").experiment_id
+    assert client.get_experiment(older).tags["mlflow.experimentKind"] == "custom_model_development"

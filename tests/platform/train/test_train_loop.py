@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,14 @@ from mlflow import MlflowClient
 
 from ovdlab.platform.data.images import ImageDecodeError
 from ovdlab.platform.train.checkpoint import load_model_checkpoint, load_trainer_state
-from ovdlab.platform.train.loop import MAX_BAD_IMAGES_IN_A_ROW, LocalSession, LoopArgs, _SkipUndecodable, run_loop
+from ovdlab.platform.train.loop import (
+    MAX_BAD_IMAGES_IN_A_ROW,
+    LocalSession,
+    LoopArgs,
+    _collate_with_skips,
+    _SkipUndecodable,
+    run_loop,
+)
 from ovdlab.platform.train.trainer import RUN_INFO, _best, prepare_training, run_dir_for, train
 
 
@@ -131,16 +139,21 @@ class _Flaky:
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, idx: int) -> int:
+    def __getitem__(self, idx: int) -> tuple[int, dict]:
         if idx in self.bad:
             raise ImageDecodeError(f"/data/{idx}.png", "truncated file")
-        return idx
+        return idx, {}
 
 
-def test_undecodable_training_images_are_skipped(caplog):
+def test_undecodable_training_images_are_skipped_and_counted(caplog):
     data = _SkipUndecodable(_Flaky(5, {1, 4}))
-    assert [data[i] for i in range(5)] == [0, 2, 2, 3, 0]
+    items = [data[i] for i in range(5)]
+    assert [image for image, _, _ in items] == [0, 2, 2, 3, 0]
+    assert [len(errors) for _, _, errors in items] == [0, 1, 0, 0, 1]
     assert "/data/1.png: truncated file" in caplog.text
+    images, targets, skipped = _collate_with_skips(items)
+    assert images == [0, 2, 2, 3, 0] and len(targets) == 5
+    assert skipped == ["/data/1.png: truncated file", "/data/4.png: truncated file"]
     broken = _SkipUndecodable(_Flaky(MAX_BAD_IMAGES_IN_A_ROW + 1, set(range(MAX_BAD_IMAGES_IN_A_ROW + 1))))
     with pytest.raises(RuntimeError, match="undecodable training images in a row; last: /data/"):
         broken[0]
@@ -163,3 +176,22 @@ def test_train_cli_prints_the_outcome(monkeypatch, tmp_path, capsys):
     assert "stopped at step 3/9" in out and "run abc" in out
     assert main(["train", "experiments/vild_text_shapes", "train.optimizer=rmsprop"]) == 2
     assert "train.optimizer" in capsys.readouterr().err
+
+
+def test_evaluation_skips_are_logged_with_how_they_were_scored(tmp_path):
+    """An undecodable validation image keeps its ground truth: its boxes count as missed."""
+    from ovdlab.platform.evaluation.coco_eval import SplitMetrics
+    from ovdlab.platform.tracking import Tracker
+    from ovdlab.platform.train.evaluate import EvalOutput
+    from ovdlab.platform.train.loop import EVAL_SKIP_SCORING, _log_eval
+
+    metrics = SplitMetrics(ap50_novel=10.0, ap50_base=20.0, ap50_all=18.0, ap=9.0, per_class=[])
+    out = EvalOutput(metrics=metrics, results=[], skipped=[{"image_id": "7", "error": "/v/7.png: truncated file"}])
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "skips", artifact_location=(tmp_path / "a").as_uri())
+    with tracker.start_run("r") as run_id:
+        _log_eval(tracker, out, step=30)
+    client = MlflowClient(tracker.uri)
+    assert client.get_run(run_id).data.metrics["problems/eval_skipped_images"] == 1
+    table = json.loads(Path(client.download_artifacts(run_id, "problems/eval_skipped_images_step30.json", str(tmp_path))).read_text())
+    assert table == {"scored_as": EVAL_SKIP_SCORING, "images": out.skipped}
+    assert "count as missed" in EVAL_SKIP_SCORING

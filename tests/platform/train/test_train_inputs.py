@@ -1,0 +1,70 @@
+"""The driver's side of a training job: run names, worker inputs checked, dataset problems recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from ovdlab.platform.data.catalog import load_dataset
+from ovdlab.platform.tracking import Tracker
+from ovdlab.platform.train.trainer import (
+    check_worker_inputs,
+    log_dataset_problems,
+    prepare_training,
+    run_dir_for,
+    run_name_for,
+)
+
+
+def test_run_name_is_readable_and_stable(tiny_cfg_factory):
+    cfg = tiny_cfg_factory()
+    name = run_name_for(cfg)
+    assert name == f"vild-text-shapes-{cfg.content_hash()[:8]}"
+    assert run_name_for(tiny_cfg_factory()) == name
+    assert run_name_for(tiny_cfg_factory(["train.lr=0.05"])) != name
+    assert run_name_for(tiny_cfg_factory(["tracking.run_name=mine"])) == "mine"
+
+
+def test_missing_worker_input_is_one_clear_error_before_the_trainer(tiny_cfg_factory):
+    cfg = tiny_cfg_factory()
+    prepared = prepare_training(cfg, run_dir_for(cfg))
+    check_worker_inputs(cfg, prepared)
+    prepared.text_path.unlink()
+    with pytest.raises(FileNotFoundError, match=r"training inputs missing before the trainer starts: text bank: /"):
+        check_worker_inputs(cfg, prepared)
+    prepared.datasets["val"].ann_json = Path("annotations/val.json")
+    with pytest.raises(ValueError, match="must be absolute paths.*val annotations: annotations/val.json"):
+        check_worker_inputs(cfg, prepared)
+
+
+def test_skipped_annotations_are_counted_and_listed_in_the_run(tiny_cfg_factory, tmp_path):
+    """Before, dropped annotations lived only in ``OVDDataset.problems``."""
+    cfg = tiny_cfg_factory()
+    prepare_training(cfg, run_dir_for(cfg))
+    ann_path = Path(cfg.dataset.train_json)
+    data = json.loads(ann_path.read_text())
+    first = data["annotations"][0]
+    data["annotations"] += [
+        {**first, "id": 9001, "bbox": [1, 1, -3, 4]},
+        {**first, "id": 9002, "bbox": [1, 1, float("nan"), 4]},
+        {**first, "id": 9003, "category_id": 999},
+    ]
+    bad = tmp_path / "train_bad.json"
+    bad.write_text(json.dumps(data))
+    train = load_dataset(cfg.model_copy(update={"dataset": cfg.dataset.model_copy(update={"train_json": str(bad)})}), "train")
+    assert train.problem_counts() == {"invalid_bbox": 2, "unknown_category": 1}
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "problems", artifact_location=(tmp_path / "a").as_uri())
+    with tracker.start_run("r") as run_id:
+        log_dataset_problems(tracker, {"train": train, "val": load_dataset(cfg, "val")})
+    client = MlflowClient(tracker.uri)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["problems/train_annotations_skipped"] == 3
+    assert metrics["problems/train_invalid_bbox"] == 2 and metrics["problems/train_unknown_category"] == 1
+    assert metrics["problems/val_annotations_skipped"] == 0
+    table = json.loads(Path(client.download_artifacts(run_id, "problems/annotations_train.json", str(tmp_path))).read_text())
+    assert sorted(p["ann_id"] for p in table["skipped"]) == [9001, 9002, 9003]
+    assert {p["kind"] for p in table["skipped"]} == {"invalid_bbox", "unknown_category"}
