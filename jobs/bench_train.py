@@ -17,10 +17,12 @@ hits both alike and one disturbed round does not decide the figure.
     python jobs/bench_train.py                       # shapes world, ViLD with GT-box regions
     python jobs/bench_train.py ray.cpus_per_worker=1 train.loader_workers=2
     python jobs/bench_train.py ray.use_gpu=true proposals.source=clip
+    python jobs/bench_train.py --steps 8 --rounds 1   # a smoke run (the figures need the defaults)
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import shutil
 import statistics
@@ -28,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.train.loop import LoopArgs, run_in_process
 from ovdlab.platform.cluster import ensure_ray
@@ -47,7 +50,7 @@ BENCH_OVERRIDES = [
 ]
 STEPS = 40
 """Steps per fit; each fit stops there (``stop_at``), before the schedule's final evaluation."""
-REPEATS = 3
+ROUNDS = 3
 TARGET_RATIO = 0.9
 TARGET_DATA_FRACTION = 0.05
 
@@ -71,21 +74,33 @@ def under_ray(cfg: ExperimentConfig, args: LoopArgs, name: str) -> tuple[float, 
     return float(result.metrics["steps_per_second"]), float(result.metrics["data_fraction"]), wall
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=STEPS, help="steps per fit (at least 4: the first 3 are untimed)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="alternating in-process / TorchTrainer rounds")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. ray.cpus_per_worker=1")
+    args = parser.parse_args(argv)
+    if args.steps < 4 or args.rounds < 1:
+        parser.error("--steps must be at least 4 and --rounds at least 1")
+    return args
+
+
 def main(argv: list[str]) -> int:
+    opts = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    cfg = load_config(CONFIG, BENCH_OVERRIDES + argv)
+    cfg = load_config(CONFIG, BENCH_OVERRIDES + opts.overrides)
     bench_dir = cfg.work_path("bench_train")
     prepared = prepare_training(cfg, bench_dir)
     args = LoopArgs(
         cfg=cfg.model_dump(mode="json"),
         text_path=str(prepared.text_path),
         store_path=str(prepared.store_path) if prepared.store_path else None,
-        stop_at=min(STEPS, cfg.train.max_iter),
+        stop_at=min(opts.steps, cfg.train.max_iter),
     )
     ensure_ray(cfg)
 
     local, ray_runs = [], []
-    for i in range(REPEATS):
+    for i in range(opts.rounds):
         local.append(in_process(args, bench_dir / "in_process"))
         ray_runs.append(under_ray(cfg, args, f"bench-train-{i}"))
         print(f"round {i + 1}: in-process {local[-1][0]:.3f} steps/s, TorchTrainer {ray_runs[-1][0]:.3f} steps/s")
@@ -105,7 +120,7 @@ def main(argv: list[str]) -> int:
     print(f"{'data wait / step time':34s}{mean(local, 1):12.2%}{data_frac:14.2%}")
     print(f"{'wall time per fit (s, incl. start)':34s}{mean(local, 2):12.1f}{mean(ray_runs, 2):14.1f}")
     print()
-    print(f"1. TorchTrainer / in-process steps/s = {ratio:.3f}, median of {REPEATS} rounds  (target >= {TARGET_RATIO}) "
+    print(f"1. TorchTrainer / in-process steps/s = {ratio:.3f}, median of {opts.rounds} rounds  (target >= {TARGET_RATIO}) "
           f"{'OK' if ratio >= TARGET_RATIO else 'MISSED'}")
     print(f"2. data wait fraction under TorchTrainer = {data_frac:.2%}  (target < {TARGET_DATA_FRACTION:.0%}) "
           f"{'OK' if data_frac < TARGET_DATA_FRACTION else 'MISSED'}")
@@ -114,4 +129,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_reporting_errors(lambda: main(sys.argv[1:]), "bench_train"))

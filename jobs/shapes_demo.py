@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import load_config
 from ovdlab.platform.data.catalog import ensure_dataset
 from ovdlab.platform.evaluation.tables import format_split_table
@@ -56,4 +57,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(run_reporting_errors(lambda: main(sys.argv[1:]), "shapes_demo"))

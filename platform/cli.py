@@ -12,9 +12,48 @@ import json
 import logging
 import sys
 from pathlib import Path
-from ovdlab.platform.config import ConfigError, ExperimentConfig, dump_yaml, load_config
+from typing import Callable
+
+from pydantic import BaseModel
+
+from ovdlab.platform.config import ConfigError, ExperimentConfig, ShapesConfig, dump_yaml, load_config
 
 log = logging.getLogger("ovdlab")
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``minimum``.
+
+    argparse then answers an out-of-range value with a usage error naming the option,
+    before any dataset, model or Ray work starts.
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def probability(text: str) -> float:
+    """An argparse ``type`` for a number in [0, 1] (a score threshold)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1], got {text}")
+    return value
+
+
+def _config_minimum(section: type[BaseModel], field: str) -> int:
+    """The lower bound (``ge``) of a config field, so the command line and the config agree."""
+    return int(section.model_json_schema()["properties"][field]["minimum"])
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +73,6 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_data_shapes(args: argparse.Namespace) -> int:
-    from ovdlab.platform.config import ShapesConfig
     from ovdlab.platform.data.shapes import generate_shapes
 
     fields = {
@@ -80,15 +118,19 @@ def cmd_data_lvis(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ovdlab.platform.evaluation import evaluate
+    from ovdlab.platform.evaluation import evaluate, resolve_kind
+    from ovdlab.platform.evaluation.common import load_json_input
     from ovdlab.platform.evaluation.tables import format_split_table
 
-    metrics = evaluate(args.kind, Path(args.dataset), Path(args.results))
+    gt = load_json_input(Path(args.dataset), "ground truth")
+    kind = resolve_kind(args.kind, gt, f"--dataset {args.dataset}")
+    log.info("scoring %s with the %s protocol (--kind %s)", args.results, kind, args.kind)
+    metrics = evaluate(kind, gt, Path(args.results))
     print(format_split_table(metrics))
     if args.log:
         from ovdlab.platform.evaluation.reporting import log_evaluation
 
-        overrides = [f"dataset.kind={args.kind}"] + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
+        overrides = [f"dataset.kind={kind}"] + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else [])
         cfg = load_config(args.config, overrides + list(args.overrides or []))
         run_id = log_evaluation(cfg, metrics, run_name=args.run_name or f"eval-{Path(args.results).stem}")
         print(f"logged to MLflow run {run_id}")
@@ -107,10 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="make datasets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("shapes", help="generate the synthetic shapes world")
     p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--images", type=int, help="training images")
-    p.add_argument("--val-images", type=int)
-    p.add_argument("--size", type=int, help="image side in pixels")
+    p.add_argument("--seed", type=int_at_least(0))
+    p.add_argument("--images", type=int_at_least(_config_minimum(ShapesConfig, "train_images")), help="training images")
+    p.add_argument("--val-images", type=int_at_least(_config_minimum(ShapesConfig, "val_images")))
+    p.add_argument("--size", type=int_at_least(_config_minimum(ShapesConfig, "image_size")), help="image side in pixels")
     p.add_argument("--format", choices=["png", "jpg"])
     p.add_argument("--novel", help="comma-separated novel classes, e.g. 'red circle,green square'")
     p.set_defaults(func=cmd_data_shapes)
@@ -130,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a COCO results file with OVD splits")
     p.add_argument("--dataset", required=True, help="annotation json with split-tagged categories")
     p.add_argument("--results", required=True, help="COCO results json")
-    p.add_argument("--kind", choices=["coco", "lvis", "shapes"], default="coco")
+    p.add_argument("--kind", choices=["auto", "coco", "lvis", "shapes"], default="auto",
+                   help="benchmark protocol; auto (default) reads it from --dataset, an explicit kind must agree")
     p.add_argument("--log", action="store_true", help="log metrics and tables to MLflow")
     p.add_argument("--config", default=None, help="experiment config for tracking settings")
     p.add_argument("--tracking-uri", default=None)
@@ -140,17 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train and evaluate one method through Ray Train (rerun to resume)")
     _config_args(p)
-    p.add_argument("--stop-at", type=int, default=None, help="end this fit after that step; rerun to continue")
+    p.add_argument("--stop-at", type=int_at_least(1), default=None, help="end this fit after that step; rerun to continue")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("predict", help="detect an arbitrary vocabulary in an image with a trained checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint folder written by training")
+    source.add_argument("--checkpoint", help="checkpoint folder written by training, or its model.pt")
     source.add_argument("--run", help="MLflow run id of a training run (its best checkpoint)")
     p.add_argument("--image", required=True)
     p.add_argument("--vocab", required=True, help="comma-separated class names, e.g. 'red circle,purple star'")
     p.add_argument("--out", required=True, help="folder for detections.json and detections.png")
-    p.add_argument("--score-thresh", type=float, default=None, help="drop boxes below this score (default 0.3)")
+    p.add_argument("--score-thresh", type=probability, default=None, help="drop boxes below this score (default 0.3)")
     p.add_argument("--config", default=None, help="with --run: experiment config naming the tracking store")
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_predict)
@@ -209,13 +252,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors(lambda: args.func(args), "ovdlab")
+
+
+def run_reporting_errors(func: Callable[[], int], prog: str) -> int:
+    """``func()``'s exit code; a bad config (2) or bad input (1) as one line on stderr, no traceback.
+
+    Shared by ``ovdlab`` and the job scripts: the message already names the field or
+    file, and a traceback would bury it.
+    """
     try:
-        return args.func(args)
+        return func()
     except ConfigError as err:
-        print(f"ovdlab: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"ovdlab: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
 
 

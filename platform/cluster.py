@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 from ovdlab.platform.config import ExperimentConfig
+
+log = logging.getLogger(__name__)
+
+ADDRESS_ENV = "RAY_ADDRESS"
+SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the environment of a ``ray job submit`` entrypoint."""
+
+
+def init_address(configured: str | None) -> str:
+    """``ray.address`` if set, else ``$RAY_ADDRESS`` (set by ``ray job submit``), else ``"local"``.
+
+    ``"local"`` starts a Ray of the job's own. Plain ``ray.init()`` would instead join
+    the last cluster ``ray start`` made on this machine (``/tmp/ray/ray_current_cluster``),
+    and hang retrying when that cluster has since died; set ``ray.address=auto`` to join
+    a running local cluster on purpose.
+    """
+    return configured or os.environ.get(ADDRESS_ENV) or "local"
 
 
 def ensure_ray(cfg: ExperimentConfig) -> None:
-    """Connect to ``ray.address`` (or the cluster a ``ray job submit`` set), else start a local Ray.
+    """Connect to the cluster :func:`init_address` names, or start a local Ray.
 
     A local Ray starts with its dashboard when Ray's dashboard packages are installed
     (they are, with ``ray[default]``): Ray Train V2's placement-group cleaner polls the
@@ -16,5 +37,25 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
     """
     import ray
 
+    warn_if_work_dir_is_temporary(cfg)
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, configure_logging=False)
+        ray.init(address=init_address(cfg.ray.address), configure_logging=False)
+
+
+def warn_if_work_dir_is_temporary(cfg: ExperimentConfig, cwd: Path | None = None) -> bool:
+    """Warn (and return True) when a submitted job's ``work_dir`` lies in Ray's copy of the working dir.
+
+    Under ``ray job submit --working-dir .`` the entrypoint runs in a temporary copy of
+    that folder on the head node, so the default relative ``work`` (resolved against
+    the current directory) puts datasets, checkpoints and the MLflow database where the
+    next Ray session deletes them.
+    """
+    cwd = Path.cwd() if cwd is None else cwd
+    if SUBMITTED_JOB_ENV not in os.environ or not Path(cfg.work_dir).is_relative_to(cwd):
+        return False
+    log.warning(
+        "work_dir %s lies inside Ray's temporary copy of the job's working dir (%s) and is lost with the "
+        "Ray session; pass an absolute work_dir on storage every node shares, e.g. work_dir=/shared/ovdlab",
+        cfg.work_dir, cwd,
+    )
+    return True

@@ -204,6 +204,18 @@ class TrackingConfig(Section):
     experiment: str | None = None
     run_name: str | None = None
 
+    @field_validator("uri")
+    @classmethod
+    def _known_store(cls, uri: str | None) -> str | None:
+        """Refused here, before any Ray work, rather than by MLflow inside a worker.
+
+        Imported lazily: the tracking package imports this module (and MLflow).
+        """
+        from ovdlab.platform.tracking.uri import check_tracking_uri
+
+        check_tracking_uri(uri, source="tracking URI")
+        return uri
+
 
 class RayConfig(Section):
     """Resources; fractional CPUs keep a 2-core machine from deadlocking."""
@@ -376,24 +388,17 @@ def _absolute(path: str | None, base: Path) -> str | None:
     return str(full if full.is_absolute() else (base / full).resolve())
 
 
-def _absolute_tracking_uri(uri: str | None, cwd: Path) -> str | None:
-    """A plain path or a relative ``sqlite:///`` file -> ``sqlite:///<absolute file>``."""
-    if uri is None or "://" in uri and not uri.startswith("sqlite:///"):
-        return uri
-    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
-    if path in {"", ":memory:"}:
-        return uri
-    return f"sqlite:///{_absolute(path, cwd)}"
-
-
 def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
     """A copy of ``cfg`` with every path absolute (see the module doc for the bases).
 
     Idempotent: an absolute path is kept as it is. ``cwd`` defaults to the process's
     current directory.
     """
+    from ovdlab.platform.tracking.uri import absolute_tracking_uri
+
     cwd = Path.cwd() if cwd is None else Path(cwd)
     work_dir = Path(_absolute(cfg.work_dir, cwd))
+    uri = cfg.tracking.uri
     root = Path(_absolute(cfg.dataset.root, work_dir))
     ds = cfg.dataset
     dataset = ds.model_copy(update={
@@ -407,7 +412,7 @@ def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentC
         "proposals": cfg.proposals.model_copy(update={
             "file": _absolute(cfg.proposals.file, cwd), "checkpoint": _absolute(cfg.proposals.checkpoint, cwd)}),
         "model": cfg.model.model_copy(update={"backbone_weights": _absolute(cfg.model.backbone_weights, cwd)}),
-        "tracking": cfg.tracking.model_copy(update={"uri": _absolute_tracking_uri(cfg.tracking.uri, cwd)}),
+        "tracking": cfg.tracking.model_copy(update={"uri": uri and absolute_tracking_uri(uri, cwd)}),
     })
 
 

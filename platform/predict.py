@@ -10,8 +10,9 @@ as evaluation. Boxes come back in the image's own pixels.
     dets = predictor.predict("image.png", ["red circle", "purple star"])
     save_outputs(dets, "image.png", "out/", seen=predictor.train_classes)
 
-A checkpoint carries its resolved config (``config.yaml``), so the path alone is
-enough; :meth:`Predictor.from_mlflow_run` finds the checkpoint a training run logged.
+A checkpoint carries its resolved config (``config.yaml``), so the path alone (the
+folder or its ``model.pt``) is enough; :meth:`Predictor.from_mlflow_run` finds the
+checkpoint a training run logged.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class Predictor:
     def from_checkpoint(
         cls, path: str | Path, cfg: ExperimentConfig | None = None, device: str | torch.device | None = None
     ) -> "Predictor":
-        """Load a checkpoint folder (its own config unless ``cfg`` is given) onto ``device``.
+        """Load a checkpoint folder or its ``model.pt`` (own config unless ``cfg`` is given) onto ``device``.
 
         ``device`` None picks CUDA when available. The teacher is the very file used in
         training when the checkpoint names one that still exists, else the config's; a

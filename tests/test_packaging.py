@@ -62,7 +62,7 @@ def test_stdlib_platform_inside_ray_task_with_working_dir(repo_root):
     body = textwrap.indent(CHECK + "import os\nreturn platform.__file__, os.getcwd()\n", "    ")
     script = (
         "import ray\n"
-        f"ray.init(num_cpus=1, include_dashboard=False, runtime_env={{'working_dir': {str(repo_root)!r}}})\n"
+        f"ray.init(address='local', num_cpus=1, include_dashboard=False, runtime_env={{'working_dir': {str(repo_root)!r}}})\n"
         "@ray.remote(num_cpus=0.5)\n"
         "def probe():\n"
         f"{body}"

@@ -2,7 +2,7 @@
 
 Zareian et al. (OVR-CNN, CVPR 2021) split COCO 2017 into 48 base and 17 novel
 classes; ViLD, LP-OVOD, EZSD and CLIFF all report AP50 on it (see
-``/work/shared/docs/methods.md``). The remaining 15 COCO classes are outside the
+``docs/methods.md``). The remaining 15 COCO classes are outside the
 benchmark. Training keeps every image but only base boxes (the images keep their
 unlabelled novel objects); evaluation uses all boxes of the 65 classes. Converted
 files carry a ``split`` tag ("base" / "novel") on each category, which is how the

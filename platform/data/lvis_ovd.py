@@ -2,7 +2,7 @@
 
 ViLD (Gu et al. 2021, Sec. 4.1) and the methods after it train on LVIS v1 without
 the annotations of the 337 rare categories and report APr on them (see
-``/work/shared/docs/methods.md``). Every category keeps its LVIS ``frequency`` and
+``docs/methods.md``). Every category keeps its LVIS ``frequency`` and
 gains a ``split`` tag; image fields (``neg_category_ids``,
 ``not_exhaustive_category_ids``) are copied unchanged, as LVIS evaluation needs them.
 """

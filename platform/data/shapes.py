@@ -4,7 +4,7 @@ Every object is a coloured shape; its class is ``"{color} {shape}"`` (4 colours 
 5 shapes = 20 classes). A few classes are *novel*: their objects are drawn in the
 training images but carry no box in ``annotations/train.json`` -- exactly the
 OVR-CNN/ViLD protocol of the COCO 48/17 split (training images keep their unlabelled
-novel objects; see ``/work/shared/docs/methods.md``). Because every colour and every
+novel objects; see ``docs/methods.md``). Because every colour and every
 shape also occurs in some base class, a detector can only name a novel object by
 composing attributes it learned from text (the CLIP teacher sees them in
 ``captions_train.json``, the analogue of web image-text pairs).

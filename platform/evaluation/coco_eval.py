@@ -9,8 +9,6 @@ has undefined AP (-1 in pycocotools); it is reported as NaN and left out of the 
 
 from __future__ import annotations
 
-import contextlib
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from ovdlab.platform.evaluation.common import (
     load_json_input,
     mean_valid,
     prepare_results,
+    silenced_prints,
     split_mean,
 )
 
@@ -88,7 +87,7 @@ def _run_cocoeval(gt: dict[str, Any], dets: list[dict[str, Any]], max_dets: int)
     become an empty results object, which COCOeval scores as AP 0 for every class
     with ground truth.
     """
-    with contextlib.redirect_stdout(io.StringIO()):
+    with silenced_prints():
         coco_gt = _coco_from_dict(gt)
         if dets:
             coco_dt = coco_gt.loadRes(dets)

@@ -10,6 +10,9 @@ hand the evaluators fresh copies.
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import io
 import json
 import math
 import numbers
@@ -17,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -66,17 +69,30 @@ def _listed(ids: Iterable[Any]) -> str:
 
 def _as_int(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{where} must be an integer, got {value!r}")
+        raise ValueError(f"{where} must be an integer, got {type(value).__name__} {value!r}")
     return int(value)
 
 
+def _as_number(value: Any, where: str) -> float:
+    """A finite real number as float; strings and bools are refused, not converted.
+
+    ``float("0.9")`` and ``float(True)`` succeed, so a results file written with quoted
+    scores or boxes would otherwise be scored as if it were well-formed.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be finite, got {number}")
+    return number
+
+
 def _as_box(value: Any, where: str) -> list[float]:
-    try:
-        box = [float(v) for v in value]
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: bbox must be 4 numbers [x, y, w, h], got {value!r}") from None
-    if len(box) != 4 or not all(math.isfinite(v) for v in box) or box[2] < 0 or box[3] < 0:
-        raise ValueError(f"{where}: bbox must be 4 finite numbers [x, y, w, h] with w, h >= 0, got {value!r}")
+    if not isinstance(value, (list, tuple)) or len(value) != 4:
+        raise ValueError(f"{where}.bbox must be 4 numbers [x, y, w, h], got {value!r}")
+    box = [_as_number(v, f"{where}.bbox[{i}]") for i, v in enumerate(value)]
+    if box[2] < 0 or box[3] < 0:
+        raise ValueError(f"{where}.bbox must have w, h >= 0, got {value!r}")
     return box
 
 
@@ -166,12 +182,7 @@ def prepare_results(results: Any, image_ids: set[int], cat_ids: set[int], max_de
             raise ValueError(f"{where} has no {', '.join(missing)}")
         image_id = _as_int(res["image_id"], f"{where}.image_id")
         cat_id = _as_int(res["category_id"], f"{where}.category_id")
-        try:
-            score = float(res["score"])
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: score must be a number, got {res['score']!r}") from None
-        if not math.isfinite(score):
-            raise ValueError(f"{where}: score must be finite, got {score}")
+        score = _as_number(res["score"], f"{where}.score")
         if image_id not in image_ids:
             bad_images[image_id] = None
         if cat_id not in cat_ids:
@@ -226,3 +237,21 @@ def per_class_counts(cat_ids, eval_imgs, all_area, area_key: str, ignore_key: st
         num_gt[cat] += int(np.count_nonzero(np.asarray(entry[ignore_key]) == 0))
         num_dets[cat] += len(entry[dets_key])
     return num_gt, num_dets
+
+
+@contextlib.contextmanager
+def silenced_prints() -> Iterator[None]:
+    """Discard what evaluation libraries ``print`` (pycocotools' progress lines).
+
+    Redirecting ``sys.stdout`` is not enough inside a Ray Train worker: Train V2 patches
+    ``builtins.print`` to send every line to the root logger as well, so the progress of
+    each in-loop evaluation reached the driver's console. ``print`` is swapped for a no-op
+    for the duration, and restored after.
+    """
+    original = builtins.print
+    builtins.print = lambda *args, **kwargs: None
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = original

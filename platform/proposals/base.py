@@ -164,7 +164,10 @@ def build_proposal_source(
         from ovdlab.platform.proposals.rpn import RPNProposalSource
 
         if not pcfg.checkpoint:
-            raise ValueError("proposals.source 'rpn' needs proposals.checkpoint (a trained detector's state dict file)")
+            raise ValueError(
+                "proposals.source 'rpn' needs proposals.checkpoint (a trained detector's checkpoint folder "
+                "or state dict file)"
+            )
         if embed_dim is None:
             raise ValueError("proposals.source 'rpn' needs embed_dim (the teacher's) to rebuild the detector")
         return RPNProposalSource(

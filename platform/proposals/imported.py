@@ -12,7 +12,8 @@ Accepted layouts, in a pickle (``.pkl``/``.pickle``) or JSON (``.json``) file:
 
 An entry is an ``[N, 5]`` array (or nested list), a ``{"boxes", "scores"}`` mapping, or
 a one-element list of ``[N, 5]`` (mmdetection's per-class result with a single class).
-Every entry is validated on load: finite values, ``x2 > x1``, ``y2 > y1``, five columns;
+Every entry is validated on load: real numbers (integer or float dtype), finite values,
+``x2 > x1``, ``y2 > y1``, five columns;
 the first violation raises :class:`ProposalFileError` naming the file, image and row.
 
 Pickles are read with an unpickler that admits only numpy arrays, dtypes, scalars and
@@ -40,6 +41,8 @@ log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".pkl", ".pickle")
 JSON_SUFFIXES = (".json",)
+REAL_DTYPE_KINDS = "iuf"
+"""numpy dtype kinds of proposal values: signed and unsigned integers, floats."""
 
 _PICKLE_ALLOWED: frozenset[tuple[str, str]] = frozenset(
     {
@@ -83,13 +86,29 @@ def read_proposal_file(path: Path) -> Any:
     raise ProposalFileError(f"{path}: unknown proposal file type {suffix!r}; use .pkl/.pickle or .json")
 
 
+def _real_array(value: Any, where: str) -> np.ndarray:
+    """``value`` as float64, refusing any dtype but real integers and floats.
+
+    ``np.asarray(value, dtype=float)`` would turn booleans, numeric strings, datetimes
+    (as epoch counts) and object arrays into numbers, and drop the imaginary part of
+    complex ones, so a file of the wrong kind would load as plausible boxes.
+    """
+    try:
+        array = np.asarray(value)
+    except ValueError as err:  # ragged nesting
+        raise ProposalFileError(f"{where}: not a numeric array ({err})") from err
+    if array.dtype.kind not in REAL_DTYPE_KINDS:
+        raise ProposalFileError(f"{where}: values must be real integers or floats, got dtype {array.dtype}")
+    return array.astype(np.float64)
+
+
 def _entry_array(entry: Any, where: str) -> np.ndarray:
     """One image's entry -> float32 [N, 5] (not yet value-checked)."""
     if isinstance(entry, dict):
         if "boxes" not in entry or "scores" not in entry:
             raise ProposalFileError(f"{where}: a mapping entry needs 'boxes' and 'scores', got keys {sorted(entry)}")
-        boxes = np.asarray(entry["boxes"], dtype=np.float64)
-        scores = np.asarray(entry["scores"], dtype=np.float64)
+        boxes = _real_array(entry["boxes"], f"{where} 'boxes'")
+        scores = _real_array(entry["scores"], f"{where} 'scores'")
         if boxes.size == 0 and scores.size == 0:
             return np.zeros((0, 5), np.float32)
         if boxes.ndim != 2 or boxes.shape[1] != 4:
@@ -99,10 +118,7 @@ def _entry_array(entry: Any, where: str) -> np.ndarray:
         return np.concatenate([boxes, scores[:, None]], axis=1).astype(np.float32)
     if isinstance(entry, (list, tuple)) and len(entry) == 1 and np.ndim(entry[0]) == 2:
         entry = entry[0]
-    try:
-        array = np.asarray(entry, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ProposalFileError(f"{where}: not a numeric [N, 5] array ({err})") from err
+    array = _real_array(entry, where)
     if array.size == 0:
         return np.zeros((0, 5), np.float32)
     if array.ndim != 2 or array.shape[1] != 5:

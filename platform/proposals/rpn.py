@@ -2,9 +2,10 @@
 
 ViLD distils on proposals of an RPN trained on base classes. This source rebuilds the
 detector from the model config, loads only the backbone and RPN weights of a
-checkpoint (a torch state dict file, read with ``weights_only=True``; the RoI head and
-the method's classifier play no part in proposing), resizes the image as the data path
-does (shorter side ``model.min_size``, longer side at most ``model.max_size``), runs
+checkpoint (an ovdlab checkpoint folder or any torch state dict file, read with
+``weights_only=True``; the RoI head and the method's classifier play no part in
+proposing), resizes the image as the data path does (shorter side ``model.min_size``,
+longer side at most ``model.max_size``), runs
 :meth:`~ovdlab.platform.detector.model.OVDDetector.proposals_only` (test-time RPN: NMS
 0.7, ``model.rpn_post_nms_top_n`` boxes) and maps the boxes back to original pixels.
 The ``per_image`` best are kept; the score is the RPN objectness probability.
@@ -63,9 +64,9 @@ class RPNProposalSource:
         per_image: int,
         device: str = "cpu",
     ) -> None:
-        self.checkpoint = Path(checkpoint).expanduser().resolve()
-        if not self.checkpoint.is_file():
-            raise FileNotFoundError(f"proposals.checkpoint {self.checkpoint} does not exist")
+        from ovdlab.platform.train.checkpoint import resolve_checkpoint
+
+        self.checkpoint = resolve_checkpoint(checkpoint, "proposals.checkpoint").resolve()
         self.model_cfg = model_cfg
         self.method_cfg = method_cfg
         self.embed_dim = int(embed_dim)
@@ -84,9 +85,10 @@ class RPNProposalSource:
         if self._model is None:
             from ovdlab.methods.registry import build_method
             from ovdlab.platform.detector.model import build_detector
+            from ovdlab.platform.train.checkpoint import load_weights
 
             model = build_detector(self.model_cfg, build_method(self.method_cfg), self.embed_dim)
-            state = torch.load(self.checkpoint, map_location="cpu", weights_only=True)
+            state = load_weights(self.checkpoint)
             if not isinstance(state, dict):
                 raise ValueError(f"{self.checkpoint}: expected a state dict, got {type(state).__name__}")
             wanted = proposer_state(state, self.checkpoint)

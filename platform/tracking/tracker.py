@@ -31,6 +31,7 @@ from ovdlab.platform.config import ExperimentConfig, dump_yaml, flatten
 from ovdlab.platform.tracking.uri import (
     TrackingError,
     check_tracking_server,
+    check_tracking_uri,
     default_artifact_location,
     experiment_name_for,
     is_file_store_uri,
@@ -110,10 +111,14 @@ class Tracker:
         self._active: list[str] = []
         if not enabled:
             return
+        try:
+            check_tracking_uri(uri, source="tracking URI")
+        except ValueError as err:
+            raise TrackingError(str(err)) from None
         if is_file_store_uri(uri):
             raise TrackingError(
-                f"tracking URI {uri!r} is MLflow's deprecated file store; use a database "
-                f"(sqlite:///<abs path>/mlflow.db) or an http:// tracking server"
+                f"tracking URI {uri!r} is a plain path, which MLflow would open as its deprecated file store; "
+                f"give it as sqlite:///<abs path>/mlflow.db (the config and $MLFLOW_TRACKING_URI convert paths)"
             )
         if is_http_uri(uri):
             check_tracking_server(uri, server_timeout_s)

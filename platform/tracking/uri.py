@@ -5,6 +5,7 @@ and a database next to the work it describes travels with it to shared storage).
 An ``http(s)://`` URI names an ``mlflow server``; MLflow's own client retries an
 unreachable server for minutes, so :func:`check_tracking_server` probes ``/health``
 once with a short timeout and fails with a message that says how to fix it.
+:func:`check_tracking_uri` refuses every other kind of URI up front.
 """
 
 from __future__ import annotations
@@ -47,13 +48,64 @@ def default_artifact_location(work_dir: Path) -> str:
 
 
 def resolve_tracking_uri(tracking: TrackingConfig, work_dir: Path) -> str:
-    """Explicit ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > SQLite file in ``work_dir``."""
+    """Explicit ``tracking.uri`` > ``$MLFLOW_TRACKING_URI`` > SQLite file in ``work_dir``.
+
+    A path (in either) becomes the ``sqlite:///`` URL of that database file.
+    """
     if tracking.uri:
-        return tracking.uri
+        return absolute_tracking_uri(tracking.uri, Path.cwd())
     from_env = os.environ.get(TRACKING_URI_ENV, "").strip()
     if from_env:
-        return from_env
+        return absolute_tracking_uri(from_env, Path.cwd())
     return default_tracking_uri(work_dir)
+
+
+def absolute_tracking_uri(uri: str, base: Path) -> str:
+    """A plain path or a relative ``sqlite:///`` file -> ``sqlite:///<absolute file>``; others unchanged.
+
+    Relative paths are taken against ``base`` (the driver's current directory), so Ray
+    workers, which run in other folders, open the same database.
+    """
+    if "://" in uri and not uri.startswith("sqlite:///"):
+        return uri
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
+    if path in {"", ":memory:"}:
+        return uri
+    full = Path(path).expanduser()
+    return f"sqlite:///{full if full.is_absolute() else (Path(base) / full).resolve()}"
+
+
+def _tracking_uri_problem(uri: str) -> str | None:
+    """What makes ``uri`` unusable as an ovdlab tracking store, or None when it is usable."""
+    parsed = urlparse(uri)
+    if not uri.strip():
+        return "is empty (leave it unset for a SQLite file in the work dir)"
+    if parsed.scheme == "file":
+        return "is MLflow's deprecated file store"
+    if parsed.scheme in {"http", "https"}:
+        return None if parsed.netloc else "names no server host"
+    if parsed.scheme == "sqlite":
+        return None if uri.startswith("sqlite://") else "is not a sqlite:/// URL"
+    if not parsed.scheme and "://" not in uri:
+        return None  # a filesystem path: the config takes it as a SQLite database file
+    return f"uses the unsupported scheme {parsed.scheme or uri.split('://')[0]!r}"
+
+
+def check_tracking_uri(uri: str | None, source: str = "tracking.uri") -> None:
+    """Raise ``ValueError`` for a tracking URI that is not one of the stores ovdlab logs to.
+
+    Allowed: None (a SQLite file in the work dir), a filesystem path (taken as a SQLite
+    database file), ``sqlite://...``, or ``http(s)://host[:port]`` of an ``mlflow
+    server``. ``file:`` is MLflow's deprecated file store; any other scheme (``ftp``,
+    ``postgresql``, ...) is a store nothing here sets up or tests, on which MLflow would
+    fail only once Ray has started. ``source`` names where the URI came from.
+    """
+    problem = None if uri is None else _tracking_uri_problem(uri)
+    if problem is not None:
+        raise ValueError(
+            f"{source} {uri!r} {problem}; use a filesystem path (a SQLite database file), "
+            f"sqlite:///<abs path>/{DB_FILE}, or http(s)://<host>:<port> of an mlflow server"
+        )
 
 
 def is_http_uri(uri: str) -> bool:

@@ -8,14 +8,17 @@ Layout of one checkpoint folder (what Ray Train persists under
     config.yaml      the resolved experiment config, ``work_dir`` made absolute
     results_val.json COCO results of the in-loop evaluation at this step (when evaluated)
 
-Everything is loaded with ``torch.load(..., weights_only=True)``: a checkpoint holds
-tensors and plain containers only, never pickled code. The config travels inside the
-checkpoint so that prediction and re-evaluation need only the checkpoint path.
+Everything is loaded with ``torch.load(..., weights_only=True)`` (:func:`load_weights`):
+a checkpoint holds tensors and plain containers only, never pickled code, and a file
+that holds anything else is refused with :class:`CheckpointError`. The config travels
+inside the checkpoint so that prediction and re-evaluation need only the checkpoint
+path, given as the folder or as its ``model.pt`` (:func:`resolve_checkpoint`).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,10 @@ TRAINER_FILE = "trainer.pt"
 CONFIG_FILE = "config.yaml"
 RESULTS_FILE = "results_val.json"
 METRICS_FILE = "metrics.json"
+
+
+class CheckpointError(ValueError):
+    """A file that is not a valid ovdlab checkpoint; the message names the file and why."""
 
 
 def portable_config(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -81,24 +88,81 @@ def _require(path: Path, what: str) -> Path:
     return path
 
 
-def load_model_checkpoint(directory: str | Path, cfg: ExperimentConfig | None = None) -> ModelCheckpoint:
-    """Config (the stored one unless ``cfg`` is given), model weights and metadata."""
-    directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {directory}")
-    blob = torch.load(_require(directory / MODEL_FILE, "checkpoint weights"), map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "model" not in blob:
-        raise ValueError(f"{directory / MODEL_FILE} is not an ovdlab model checkpoint (no 'model' entry)")
+def resolve_checkpoint(path: str | Path, what: str = "checkpoint") -> Path:
+    """The weights file of a checkpoint given as its folder or as that file itself.
+
+    Training writes folders and ``ovdlab predict`` reads them, while a state dict made
+    elsewhere (``proposals.checkpoint``) is a lone file; every reader resolves through
+    here so that both spellings work everywhere. ``what`` names the setting in errors.
+    """
+    path = Path(path).expanduser()
+    expected = (
+        f"expected an ovdlab checkpoint folder (holding {MODEL_FILE} and {CONFIG_FILE}) "
+        f"or a weights file such as its {MODEL_FILE}"
+    )
+    if path.is_dir():
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{what} {path} is a folder without {MODEL_FILE}; {expected}")
+        return path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist; {expected}")
+    return path
+
+
+def load_weights(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, failing with :class:`CheckpointError`.
+
+    torch reports a refused object, and a damaged file, with many exception types
+    (UnpicklingError, RuntimeError, KeyError, EOFError, ...) and texts that suggest
+    ``weights_only=False``, which would run whatever code the file carries; the error
+    here names the file and what is wrong with it instead.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} is not a valid ovdlab checkpoint: it contains non-tensor objects (pickled classes or "
+            f"code) or is no torch file at all; checkpoints are loaded as tensors and plain containers only"
+        ) from err
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for damaged files
+        detail = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(
+            f"{path} is not a valid ovdlab checkpoint: it cannot be read as a torch file (damaged, truncated "
+            f"or another format; {type(err).__name__}: {detail})"
+        ) from err
+
+
+def _state_dict(blob: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The ``model`` entry of a loaded ``model.pt``, checked to map names to tensors."""
+    if not isinstance(blob, dict) or not isinstance(blob.get("model"), dict):
+        raise CheckpointError(f"{path} is not a valid ovdlab checkpoint: no 'model' state dict entry")
+    bad = [key for key, value in blob["model"].items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path} is not a valid ovdlab checkpoint: 'model' has non-tensor entries {bad[:5]}")
+    return blob["model"]
+
+
+def load_model_checkpoint(path: str | Path, cfg: ExperimentConfig | None = None) -> ModelCheckpoint:
+    """Config (the stored one unless ``cfg`` is given), model weights and metadata.
+
+    ``path`` is the checkpoint folder or its ``model.pt``.
+    """
+    model_file = resolve_checkpoint(path)
+    directory = model_file.parent
+    blob = load_weights(model_file)
+    state_dict = _state_dict(blob, model_file)
+    meta = blob.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{model_file} is not a valid ovdlab checkpoint: 'meta' is not a dict")
     if cfg is None:
         raw = yaml.safe_load(_require(directory / CONFIG_FILE, "checkpoint config").read_text())
         cfg = build_config(raw)
-    return ModelCheckpoint(path=directory, cfg=cfg, state_dict=blob["model"], meta=dict(blob.get("meta") or {}))
+    return ModelCheckpoint(path=directory, cfg=cfg, state_dict=state_dict, meta=dict(meta))
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:
     """Optimizer, scheduler, grad-scaler state and the step a resumed loop continues from."""
-    path = _require(Path(directory) / TRAINER_FILE, "trainer state")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights(_require(Path(directory) / TRAINER_FILE, "trainer state"))
 
 
 def load_results(directory: str | Path) -> list[dict[str, Any]] | None:

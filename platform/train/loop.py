@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -53,6 +54,7 @@ from ovdlab.platform.data.catalog import OVDDataset, load_dataset
 from ovdlab.platform.data.images import ImageDecodeError
 from ovdlab.platform.detector.data import DetectionDataset, collate_fn, targets_to
 from ovdlab.platform.detector.model import OVDDetector, build_detector
+from ovdlab.platform.progress import format_seconds
 from ovdlab.platform.tracking import Tracker
 from ovdlab.platform.train.checkpoint import (
     load_model_checkpoint,
@@ -447,8 +449,10 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
 class _Progress:
     """Rank 0's progress lines: ``step 40/300 (13%)  loss 1.234  lr 0.02  0.9 steps/s  ETA 4m50s``.
 
-    Printed (flushed) rather than logged: Ray forwards a worker's stdout to the driver's
-    console, where the user waits, whatever logging the worker process has set up.
+    Written to stdout rather than logged: Ray forwards a worker's stdout to the driver's
+    console, where the user waits, whatever logging the worker process has set up. Not
+    with ``print``, which Ray Train V2 patches in its workers to log and also echo each
+    line, so every line reached the console twice.
     """
 
     def __init__(self, enabled: bool, start: int, end: int, total: int) -> None:
@@ -459,15 +463,15 @@ class _Progress:
 
     def say(self, message: str) -> None:
         if self.enabled:
-            print(f"[ovdlab train] {message}", flush=True)
+            sys.stdout.write(f"[ovdlab train] {message}\n")
+            sys.stdout.flush()
 
     def step(self, done: int, loss: float, lr: float) -> None:
         rate = (done - self.start) / max(time.perf_counter() - self.t0, 1e-9)
         eta = (self.end - done) / rate if rate > 0 else float("nan")
-        eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
         self.say(
             f"step {done}/{self.total} ({100 * done / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.5f}  "
-            f"{rate:.2f} steps/s  ETA {eta_text}"
+            f"{rate:.2f} steps/s  ETA {format_seconds(eta)}"
         )
 
 

@@ -36,3 +36,15 @@ def test_shapes_demo_end_to_end(tmp_path, ray_local, tiny_overrides, capsys):
     assert {"eval/detections.png", "eval/per_class_ap.png", "eval/pr_curves.png", "eval/per_class_ap.txt"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "eval")
     }
+
+
+def test_bad_config_is_one_line_naming_the_field_before_any_work(tmp_path, repo_root):
+    """As a user types it: exit 2, the field and the allowed values, no traceback, nothing made."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(repo_root / "jobs" / "shapes_demo.py"), "train.optimizer=adam"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "train.optimizer" in out.stderr and "sgd" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "work").exists()

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from ovdlab.platform.cli import main
 
@@ -62,3 +66,70 @@ def test_data_shapes_bad_novel_name(tmp_path, capsys):
                  "--novel", "purple hexagon"])
     assert code == 1
     assert "purple hexagon" in capsys.readouterr().err
+
+
+LVIS_GT = {
+    "images": [{"id": 1, "width": 50, "height": 50, "neg_category_ids": [3], "not_exhaustive_category_ids": []}],
+    "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "area": 100.0},
+                    {"id": 2, "image_id": 1, "category_id": 2, "bbox": [20, 20, 10, 10], "area": 100.0}],
+    "categories": [{"id": 1, "name": "cat", "split": "novel", "frequency": "r"},
+                   {"id": 2, "name": "dog", "split": "base", "frequency": "f"},
+                   {"id": 3, "name": "emu", "split": "base", "frequency": "c"}],
+}
+
+
+def test_eval_detects_lvis_and_refuses_a_contradicting_kind(tmp_path, capsys):
+    gt_file, results_file = tmp_path / "lvis_val.json", tmp_path / "dets.json"
+    gt_file.write_text(json.dumps(LVIS_GT))
+    results_file.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.9}]))
+    assert main(["eval", "--dataset", str(gt_file), "--results", str(results_file)]) == 0
+    assert capsys.readouterr().out.startswith("AP 50.0 | APr 100.0 | APc n/a | APf 0.0")
+    assert main(["eval", "--dataset", str(gt_file), "--results", str(results_file), "--kind", "coco"]) == 1
+    err = capsys.readouterr().err
+    assert f"kind 'coco' asks for the COCO protocol but --dataset {gt_file} is LVIS-format" in err
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["predict", "--checkpoint", "ckpt", "--image", "i.png", "--vocab", "a", "--out", "o", "--score-thresh", "5"],
+         "--score-thresh"),
+        (["predict", "--checkpoint", "ckpt", "--image", "i.png", "--vocab", "a", "--out", "o", "--score-thresh", "nan"],
+         "--score-thresh"),
+        (["predict", "--checkpoint", "ckpt", "--image", "i.png", "--vocab", "a", "--out", "o", "--score-thresh", "-0.1"],
+         "--score-thresh"),
+        (["data", "shapes", "--out", "s", "--images", "0"], "--images"),
+        (["data", "shapes", "--out", "s", "--val-images", "-3"], "--val-images"),
+        (["data", "shapes", "--out", "s", "--size", "8"], "--size"),
+        (["data", "shapes", "--out", "s", "--seed", "-1"], "--seed"),
+        (["data", "shapes", "--out", "s", "--images", "ten"], "--images"),
+        (["train", "vild_text_shapes", "--stop-at", "0"], "--stop-at"),
+    ],
+)
+def test_numeric_options_out_of_range_are_usage_errors(argv, option, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: ovdlab" in err and f"argument {option}" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_predict_refuses_a_malicious_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "checkpoint_000001"
+    folder.mkdir()
+    torch.save({"model": _Payload()}, folder / "model.pt")
+    for given in (folder, folder / "model.pt"):
+        code = main(["predict", "--checkpoint", str(given), "--image", "i.png", "--vocab", "a", "--out", str(tmp_path)])
+        assert code == 1
+        err = capsys.readouterr().err
+        assert f"{folder / 'model.pt'} is not a valid ovdlab checkpoint" in err and "non-tensor objects" in err
+    missing = tmp_path / "nowhere"
+    assert main(["predict", "--checkpoint", str(missing), "--image", "i.png", "--vocab", "a", "--out", "o"]) == 1
+    assert f"checkpoint {missing} does not exist; expected an ovdlab checkpoint folder" in capsys.readouterr().err

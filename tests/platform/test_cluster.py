@@ -25,3 +25,29 @@ def test_local_ray_serves_the_state_api(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "nodes 1" in out.stdout
+
+
+def test_submitted_job_warns_when_work_dir_is_in_rays_temporary_copy(tmp_path, monkeypatch, caplog):
+    from ovdlab.platform.cluster import SUBMITTED_JOB_ENV, warn_if_work_dir_is_temporary
+    from ovdlab.platform.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    default = load_config(None, [])  # work_dir "work" -> <cwd>/work
+    assert not warn_if_work_dir_is_temporary(default)  # a user's own shell: their folder, kept
+    monkeypatch.setenv(SUBMITTED_JOB_ENV, "{}")
+    assert warn_if_work_dir_is_temporary(default)
+    assert "pass an absolute work_dir" in caplog.text
+    assert not warn_if_work_dir_is_temporary(load_config(None, ["work_dir=/shared/ovdlab"]))
+
+
+def test_a_job_starts_its_own_ray_unless_told_where_one_is(monkeypatch):
+    """Plain ``ray.init()`` joins the last ``ray start`` cluster of the machine (and hangs when
+    it died, as a killed local head leaves its address behind); a job joins only what it is told."""
+    from ovdlab.platform.cluster import ADDRESS_ENV, init_address
+
+    monkeypatch.delenv(ADDRESS_ENV, raising=False)
+    assert init_address(None) == "local"
+    assert init_address("auto") == "auto"
+    monkeypatch.setenv(ADDRESS_ENV, "10.0.0.5:6379")  # what `ray job submit` sets for its entrypoint
+    assert init_address(None) == "10.0.0.5:6379"
+    assert init_address("ray://head:10001") == "ray://head:10001"

@@ -171,3 +171,10 @@ def test_method_name_must_be_implemented_before_any_work():
         load_config(None, ["method.name=lp-ovod"])
     for name in available_methods():
         assert load_config(None, [f"method.name={name}"]).method.name == name
+
+
+@pytest.mark.parametrize("uri", ["ftp://host/mlflow", "file:///tmp/mlruns", "postgresql://db/mlflow", "http://"])
+def test_unusable_tracking_uri_fails_at_load_naming_the_field(uri):
+    """Checked with the config, before any Ray work (it failed inside MLflow before)."""
+    with pytest.raises(ConfigError, match=r"tracking\.uri: .*use a filesystem path"):
+        load_config(None, [f"tracking.uri={uri}"])

@@ -261,3 +261,45 @@ def test_evaluate_dispatch():
     assert evaluate("coco", gt, dets).max_dets == 100
     with pytest.raises(ValueError, match="kind"):
         evaluate("voc", gt, dets)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("score", "0.9", r"result 1\.score must be a number, got str '0\.9'"),
+        ("score", True, r"result 1\.score must be a number, got bool True"),
+        ("bbox", ["0", 0, 5, 5], r"result 1\.bbox\[0\] must be a number, got str '0'"),
+        ("bbox", [0, 0, 5, False], r"result 1\.bbox\[3\] must be a number, got bool False"),
+        ("bbox", "0 0 5 5", r"result 1\.bbox must be 4 numbers"),
+        ("category_id", "1", r"result 1\.category_id must be an integer, got str '1'"),
+        ("category_id", True, r"result 1\.category_id must be an integer, got bool True"),
+    ],
+)
+def test_results_hold_numbers_not_strings_or_bools(field, value, match):
+    good = {"image_id": 100, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}
+    with pytest.raises(ValueError, match=match):
+        evaluate_coco_ovd(make_gt(0), [good, {**good, field: value}])
+
+
+def test_evaluate_refuses_lvis_kind_for_coco_ground_truth(tmp_path):
+    gt = make_gt(0)
+    dets = jittered_dets(gt, 1)
+    assert evaluate("auto", gt, dets).as_dict() == evaluate("coco", gt, dets).as_dict()
+    path = tmp_path / "coco_gt.json"
+    path.write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=rf"kind 'lvis' .* LVIS protocol but ground truth {path} is COCO-format"):
+        evaluate("lvis", path, dets)
+
+
+def test_pycocotools_prints_stay_silent_under_a_patched_print(monkeypatch):
+    """Ray Train V2 patches ``print`` in its workers to log each line; pycocotools' progress
+    ("index created!", "DONE (t=...)") reached the driver's console from every evaluation."""
+    import builtins
+
+    heard: list[str] = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: heard.append(" ".join(map(str, args))))
+    gt = make_gt(5)
+    dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+            for a in gt["annotations"]]
+    assert evaluate_coco_ovd(gt, dets).ap50_all == 100.0
+    assert heard == []

@@ -159,3 +159,25 @@ def test_inputs_not_modified_and_dispatch():
     assert (gt, dets) == before
     assert isinstance(m, LVISMetrics) and m.max_dets == 300
     assert m.as_dict() == evaluate_lvis_ovd(gt, dets).as_dict()
+
+
+def test_detect_protocol_reads_lvis_fields():
+    from ovdlab.platform.evaluation import detect_protocol
+
+    gt = make_lvis_gt()
+    assert detect_protocol(gt) == "lvis"
+    only_frequency = {**gt, "images": [{"id": img["id"]} for img in gt["images"]]}
+    assert detect_protocol(only_frequency) == "lvis"
+    only_lists = {**gt, "categories": [{"id": c["id"], "name": c["name"], "split": "base"} for c in gt["categories"]]}
+    assert detect_protocol(only_lists) == "lvis"
+    coco = {**only_frequency, "categories": only_lists["categories"]}
+    assert detect_protocol(coco) == "coco"
+
+
+def test_evaluate_refuses_coco_kind_for_lvis_ground_truth():
+    gt = make_lvis_gt()
+    assert evaluate("auto", gt, perfect()).as_dict() == evaluate("lvis", gt, perfect()).as_dict()
+    for kind in ("coco", "shapes"):
+        with pytest.raises(ValueError, match=rf"kind '{kind}' .* COCO protocol but the ground truth is LVIS-format "
+                                             r"\(categories with 'frequency', images with 'neg_category_ids'"):
+            evaluate(kind, gt, perfect())

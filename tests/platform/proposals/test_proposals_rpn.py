@@ -54,3 +54,33 @@ def test_rpn_checkpoint_errors(tmp_path, checkpoint):
     wide = MODEL.model_copy(update={"fpn_channels": 32})
     with pytest.raises(ValueError, match="does not fit the model config"):
         RPNProposalSource(checkpoint[0], wide, METHOD, EMBED_DIM, per_image=5).propose(np.zeros((64, 64, 3), np.uint8), 1, [])
+
+
+def test_rpn_checkpoint_may_be_a_training_checkpoint_folder(tmp_path, checkpoint):
+    path, model = checkpoint
+    folder = tmp_path / "checkpoint_000100"
+    folder.mkdir()
+    torch.save({"model": model.state_dict(), "meta": {}}, folder / "model.pt")
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    from_folder = RPNProposalSource(folder, MODEL, METHOD, EMBED_DIM, per_image=5)
+    assert from_folder.checkpoint == (folder / "model.pt").resolve()
+    from_file = RPNProposalSource(path, MODEL, METHOD, EMBED_DIM, per_image=5)
+    np.testing.assert_array_equal(from_folder.propose(image, 1, []).boxes, from_file.propose(image, 1, []).boxes)
+    (folder / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=f"proposals.checkpoint {folder} is a folder without model.pt"):
+        RPNProposalSource(folder, MODEL, METHOD, EMBED_DIM, per_image=5)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_rpn_refuses_a_malicious_checkpoint(tmp_path):
+    from ovdlab.platform.train.checkpoint import CheckpointError
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Payload()}, path)
+    source = RPNProposalSource(path, MODEL, METHOD, EMBED_DIM, per_image=5)
+    with pytest.raises(CheckpointError, match=f"{path} is not a valid ovdlab checkpoint: .*non-tensor"):
+        source.propose(np.zeros((64, 64, 3), np.uint8), 1, [])

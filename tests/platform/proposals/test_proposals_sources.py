@@ -173,3 +173,21 @@ def test_build_from_config(tmp_path, dataset):
     cfg = ExperimentConfig(work_dir=str(tmp_path), proposals={"source": "rpn"})
     with pytest.raises(ValueError, match="needs proposals.checkpoint"):
         build_proposal_source(cfg, dataset, embed_dim=8)
+
+
+@pytest.mark.parametrize(
+    ("name", "entry", "dtype"),
+    [
+        ("p.pkl", np.array([[0, 0, 4, 4, 1]], dtype="datetime64[s]"), "datetime64"),
+        ("p.pkl", np.array([[0, 0, 4, 4, 0.5]], dtype=np.complex128), "complex128"),
+        ("p.pkl", np.array([[0, 0, 4, 4, 0.5]], dtype=object), "object"),
+        ("p.pkl", np.array([[0, 0, 1, 1, 1]], dtype=bool), "bool"),
+        ("p.pkl", np.array([["0", "0", "4", "4", "0.5"]]), "<U3"),
+        ("p.json", [["0", "0", "4", "4", "0.5"]], "<U3"),
+        ("p.json", {"boxes": [[True, True, True, True]], "scores": [0.5]}, "bool"),
+    ],
+)
+def test_imported_values_must_be_real_numbers(tmp_path, dataset, name, entry, dtype):
+    path = _write(tmp_path, name, {"3": entry})
+    with pytest.raises(ProposalFileError, match=rf"{path}: image 3 .*real integers or floats, got dtype {dtype}"):
+        ImportedProposalSource.from_dataset(path, dataset, per_image=10)

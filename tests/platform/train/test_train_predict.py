@@ -71,7 +71,7 @@ def test_predict_cli_bad_input_names_the_problem(trained, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(checkpoint), "--image", str(missing), "--vocab", "a", "--out", str(tmp_path)]) == 1
     assert str(missing) in capsys.readouterr().err
     assert main(["predict", "--checkpoint", str(tmp_path / "none"), "--image", str(missing), "--vocab", "a", "--out", str(tmp_path)]) == 1
-    assert "checkpoint folder not found" in capsys.readouterr().err
+    assert f"checkpoint {tmp_path / 'none'} does not exist; expected an ovdlab checkpoint folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="names no class"):
         parse_vocab(" , ")
     with pytest.raises(ValueError, match="more than once"):

@@ -1,0 +1,171 @@
+"""Every job script and every Ray-starting ``ovdlab`` command, run the way a user runs them.
+
+The contract behind the README: a subprocess, started in a copy of the repository that
+holds only its tracked files, with the **default** ``work_dir`` (``work``, relative), its
+own Ray (no ``RAY_ADDRESS``, nothing shared with this test session), shrunk only by
+command-line overrides. An in-process test with a shared Ray and an absolute work dir
+once hid a main job that failed on every fresh clone (Ray Train workers resolved the
+relative ``work`` in their own folder); the in-process tests stay, this is the contract.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+pytestmark = pytest.mark.slow
+
+PYTHON = sys.executable
+BIN = Path(sys.executable).parent
+SHRUNK_RUN = ["train.max_iter=4", "train.eval_period=2", "train.checkpoint_period=2"]
+TABLE = re.compile(r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d")
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory, repo_root) -> Path:
+    """The repository's files as a fresh clone has them (tracked, plus new files not ignored)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo_root,
+                            capture_output=True, check=True).stdout.decode().split("\0")
+    dest = tmp_path_factory.mktemp("clone") / "ovdlab"
+    for name in filter(None, listed):
+        src = repo_root / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(src.read_bytes())
+    assert not (dest / "work").exists() and (dest / "jobs" / "shapes_demo.py").is_file()
+    return dest
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: no Ray address, offline hub, this venv first on PATH."""
+    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"}}
+    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", MPLBACKEND="Agg",
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+    env.update(extra)
+    return env
+
+
+def run_as_user(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> str:
+    """Run ``cmd`` in ``cwd``; its combined output, after asserting it exited 0."""
+    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=user_env(**env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-8000:]}"
+    return done.stdout
+
+
+def only_run(db: Path, name_prefix: str):
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name("shapes")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(name_prefix)]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
+    """The README's first command (after the install), shrunk: default work dir, own Ray."""
+    out = run_as_user([PYTHON, "jobs/shapes_demo.py", *tiny_overrides, *SHRUNK_RUN], clone)
+    assert TABLE.search(out), out[-4000:]
+    assert out.count("[ovdlab train] step 2/4 (50%)") == 1, "each progress line reaches the console once"
+    assert "[ovdlab train] step 4: evaluating 8 val.json images" in out
+    assert "shapes world: train images 24/24 (100%)" in out
+    client, run = only_run(clone / "work" / "mlflow.db", "vild-text-shapes-")
+    assert run.data.tags["completed"] == "True"
+    metrics = run.data.metrics
+    assert {"ap50_novel", "ap50_base", "ap50_all", "problems/train_annotations_skipped", "problems/eval_skipped_images"} <= set(metrics)
+    assert (clone / "work" / "runs" / run.info.run_name / "ovdlab_run.json").is_file()
+
+
+def test_ovdlab_extract_then_train_from_a_fresh_clone(clone, tiny_overrides):
+    """``ovdlab extract`` fills the store with Ray Data; ``ovdlab train`` (ViLD) reuses it."""
+    vild = [*tiny_overrides, "method.name=vild", "method.distill_weight=0.5", "proposals.source=gt"]
+    out = run_as_user([BIN / "ovdlab", "extract", "experiments/vild_text_shapes", *vild], clone)
+    store = re.search(r"region store (\S+) \(train, key (\w+)\): 24 images, \d+ regions, 0 failures", out)
+    assert store, out[-4000:]
+    assert Path(store.group(1)).parent == clone / "work" / "stores"
+    out = run_as_user([BIN / "ovdlab", "train", "experiments/vild_text_shapes", *vild, *SHRUNK_RUN], clone)
+    assert TABLE.search(out), out[-4000:]
+    assert f"region store {store.group(1)} is complete; reusing it" in out
+    _, run = only_run(clone / "work" / "mlflow.db", "vild-shapes-")
+    assert run.data.params["method.name"] == "vild" and "train/loss_distill" in run.data.metrics
+
+
+def test_bench_extract_from_a_fresh_clone(clone):
+    out = run_as_user([PYTHON, "jobs/bench_extract.py", "--tiny-images", "24", "--skip-vit"], clone)
+    assert "24 images, 2400 regions" in out and re.search(r"1\. pipeline / best loop   = \d+\.\d+", out), out[-4000:]
+    assert (clone / "work" / "bench").is_dir()
+
+
+def test_bench_train_from_a_fresh_clone(clone, tiny_overrides):
+    out = run_as_user([PYTHON, "jobs/bench_train.py", "--steps", "4", "--rounds", "1", *tiny_overrides], clone)
+    assert re.search(r"1\. TorchTrainer / in-process steps/s = \d+\.\d+, median of 1 rounds", out), out[-4000:]
+    assert re.search(r"2\. data wait fraction under TorchTrainer = \d+\.\d+%", out)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_for_jobs_api(address: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probe = subprocess.run([BIN / "ray", "job", "list", "--address", address], env=user_env(RAY_AUTH_MODE="token"),
+                               capture_output=True, text=True, timeout=60)
+        if probe.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the local head's job API did not come up: {probe.stdout[-2000:]} {probe.stderr[-2000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture
+def local_head(tmp_path):
+    """``ray start --head`` as a user starts it (token authentication is Ray's default)."""
+    gcs, dashboard, client, agent_http, agent_grpc, metrics = _free_ports(6)
+    head = subprocess.Popen(
+        [BIN / "ray", "start", "--head", "--block", "--num-cpus=2", f"--port={gcs}", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"],
+        env=user_env(), stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        _wait_for_jobs_api(address)
+        yield address
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
+
+
+def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_path):
+    """The README's cluster line, with the client settings it documents."""
+    shared = tmp_path / "shared"
+    out = run_as_user(
+        [BIN / "ray", "job", "submit", "--working-dir", ".", "--", "python", "jobs/shapes_demo.py",
+         f"work_dir={shared}", *tiny_overrides, *SHRUNK_RUN],
+        clone, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=local_head,
+    )
+    assert TABLE.search(out) and "succeeded" in out, out[-4000:]
+    only_run(shared / "mlflow.db", "vild-text-shapes-")
+    info = json.loads(next((shared / "runs").glob("*/ovdlab_run.json")).read_text())
+    assert info["tracking_uri"] == f"sqlite:///{shared / 'mlflow.db'}"
