@@ -155,6 +155,16 @@ def local_head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
+        _forget_head(gcs)
+
+
+def _forget_head(gcs_port: int) -> None:
+    """Remove the stopped head's address that ``ray start`` left for plain ``ray.init()`` to join."""
+    from ray._common.utils import get_ray_address_file
+
+    current = Path(get_ray_address_file(None))
+    if current.is_file() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_path):
