@@ -1,58 +1,138 @@
-"""ViLD-text on the synthetic shapes world: train through Ray Train, evaluate, log to MLflow.
+"""The shapes benchmark as a method comparison: every implemented method, the oracle, several seeds.
 
-The README's main job, CPU-sized (a few minutes on a laptop; the first run also draws
-the shapes world and pretrains the ``shapes-tiny`` CLIP teacher once):
+The README's main job, CPU-sized. The first run draws the shapes world and pretrains
+the ``shapes-tiny`` CLIP teacher once; every method then trains through Ray Train on the
+same world, teacher and text banks, is evaluated with every class in the vocabulary and
+logged as its own MLflow run; the job prints one table of mean ± std over the seeds:
 
-    python jobs/shapes_demo.py                              # local Ray, started here
-    python jobs/shapes_demo.py train.max_iter=100 ray.num_workers=2
+    python jobs/shapes_demo.py                                    # every method + oracle, seeds 0,1,2
+    python jobs/shapes_demo.py --methods vild-text --seeds 0      # one run
+    python jobs/shapes_demo.py train.max_iter=300 ray.num_workers=2   # overrides for every run
     ray job submit --working-dir . -- python jobs/shapes_demo.py work_dir=/shared/ovdlab
 
-Under ``ray job submit`` the job runs in a copy of the working directory, so give an
-absolute (shared) ``work_dir`` to keep the data, checkpoints and MLflow store.
+Rows (configs/experiments/<method>_shapes.yaml):
+- ``vild-text``: region embeddings against frozen text embeddings of the base classes;
+- ``vild``: plus L1 distillation of the teacher's crop embeddings of RPN proposals, taken
+  from the ViLD-text run of the same seed (its RPN never saw a novel box);
+- ``oracle``: ViLD-text trained with the novel boxes too -- the ceiling, not a method.
 
-Recipe (configs/experiments/vild_text_shapes.yaml + command-line overrides):
-1. the shapes world (base classes annotated for training, novel ones only in val);
-2. the teacher: ``shapes-tiny``, a small CLIP pretrained on the world's crops/captions;
-3. ViLD-text: region embeddings against frozen text embeddings of the base classes;
-4. evaluation with every class in the vocabulary: novel AP50 > 0 comes only from the
-   text embeddings, since no novel box was ever a training target.
+Columns: AP50 of the held-out concept (``novel_concept``: stars, a shape no base box
+shows), of the compositional novel pairs (``novel_comp``), of all novel, base and all
+classes, and the wall minutes of each training (including Ray start-up and, for ViLD,
+its proposal extraction). The last checkpoint of every run is reported: nothing is
+selected on the evaluation split.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+import time
+from pathlib import Path
 
+from ovdlab.methods.registry import available_methods
 from ovdlab.platform.cli import run_reporting_errors
-from ovdlab.platform.config import load_config
+from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.data.catalog import ensure_dataset
-from ovdlab.platform.evaluation.tables import format_split_table
+from ovdlab.platform.evaluation.tables import format_comparison, format_split_table
 from ovdlab.platform.pipelines.extract import teacher_checkpoint
-from ovdlab.platform.train.trainer import train
+from ovdlab.platform.train.trainer import TrainResult, train
 
-CONFIG = "experiments/vild_text_shapes"
+ORACLE = "oracle"
+COLUMNS = {
+    "ap50_novel_concept": "AP50 novel_concept",
+    "ap50_novel_comp": "AP50 novel_comp",
+    "ap50_novel": "AP50 novel",
+    "ap50_base": "AP50 base",
+    "ap50_all": "AP50 all",
+    "train_minutes": "train min",
+}
+PROPOSALS_FROM = "vild-text"
+"""The run whose final RPN gives the distillation proposals of a method with ``proposals.source: rpn``."""
+
+
+def experiment(method: str) -> str:
+    """``configs/experiments/<method>_shapes.yaml`` (``vild-text`` -> ``vild_text_shapes``)."""
+    return f"experiments/{method.replace('-', '_')}_shapes"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    methods = [*available_methods(), ORACLE]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(_ordered(methods)),
+                        help=f"comma-separated rows, from {', '.join(methods)} (default: all)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. train.max_iter=300")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(args.methods) - set(methods))
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {methods}")
+    try:
+        args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds:
+        parser.error("--seeds names no seed")
+    return args
+
+
+def _ordered(methods: list[str]) -> list[str]:
+    """The proposal source first (others read its checkpoint), the oracle last."""
+    return sorted(methods, key=lambda m: (m != PROPOSALS_FROM, m == ORACLE, m))
+
+
+def run_config(method: str, seed: int, overrides: list[str], done: dict[tuple[str, int], TrainResult]) -> ExperimentConfig:
+    """The run's config; a method distilling RPN proposals gets the ViLD-text run's checkpoint of its seed."""
+    cfg = load_config(experiment(method), [*overrides, f"seed={seed}"])
+    if cfg.proposals.source == "rpn" and cfg.proposals.checkpoint is None:
+        source = done.get((PROPOSALS_FROM, seed))
+        if source is None or source.checkpoint is None:
+            raise ValueError(f"{method} distills RPN proposals of the {PROPOSALS_FROM} run: add {PROPOSALS_FROM} to --methods")
+        cfg = load_config(experiment(method), [*overrides, f"seed={seed}", f"proposals.checkpoint={source.checkpoint}"])
+    return cfg
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = load_config(CONFIG, argv)
+    args = parse_args(argv)
+    methods = _ordered(args.methods)
+    configs = {m: load_config(experiment(m), args.overrides) for m in methods}  # every config fails here, before any work
+    needs_source = [m for m, c in configs.items() if c.proposals.source == "rpn" and c.proposals.checkpoint is None]
+    if needs_source and PROPOSALS_FROM not in methods:
+        raise ValueError(f"{', '.join(needs_source)} distill RPN proposals of the {PROPOSALS_FROM} run: add {PROPOSALS_FROM} to --methods")
+    first = configs[methods[0]]
+    print(f"shapes world: {ensure_dataset(first)}")
+    print(f"teacher: {teacher_checkpoint(first) or f'{first.teacher.model} (pretrained={first.teacher.pretrained})'}")
+    print(f"runs: {', '.join(methods)} x seeds {args.seeds}; outputs under {first.work_dir}", flush=True)
 
-    root = ensure_dataset(cfg)
-    teacher = teacher_checkpoint(cfg)  # shapes-tiny is pretrained on the world once, then reused
-    print(f"shapes world: {root}")
-    print(f"teacher: {teacher or f'{cfg.teacher.model} (pretrained={cfg.teacher.pretrained})'}")
+    done: dict[tuple[str, int], TrainResult] = {}
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    for seed in args.seeds:
+        for method in methods:
+            cfg = run_config(method, seed, args.overrides, done)
+            print(f"\n=== {method}, seed {seed} ({len(done) + 1}/{len(methods) * len(args.seeds)}) ===", flush=True)
+            start = time.perf_counter()
+            result = train(cfg)
+            if result.metrics is None:
+                print(f"{method} seed {seed} stopped at step {result.step}/{cfg.train.max_iter}; rerun to continue")
+                return 1
+            done[(method, seed)] = result
+            rows[method].append({**result.metrics.as_dict(), "train_minutes": (time.perf_counter() - start) / 60})
+            print(format_split_table(result.metrics).splitlines()[0])
+            print(f"final checkpoint: {result.checkpoint}; MLflow run {result.mlflow_run_id}", flush=True)
 
-    result = train(cfg)
-
-    if result.metrics is None:
-        print(f"training stopped at step {result.step}/{cfg.train.max_iter}; rerun to continue")
-        return 1
-    print(format_split_table(result.metrics))
-    print(f"best checkpoint (step {result.best_step}): {result.best_checkpoint}")
-    print(f"COCO results: {result.results_path}")
-    print(f"MLflow: {result.tracking_uri}  experiment {result.experiment!r}  run {result.mlflow_run_id}")
-    print(f"  browse: mlflow ui --backend-store-uri {result.tracking_uri}")
-    print(f"  predict: ovdlab predict --checkpoint {result.best_checkpoint} --image IMAGE --vocab 'red circle,purple star' --out OUT")
+    table = format_comparison(rows, COLUMNS)
+    out = Path(first.work_dir) / "comparison.md"
+    out.write_text(f"shapes benchmark, seeds {args.seeds}, mean ± std over seeds, last checkpoint of each run\n\n{table}")
+    last = next(reversed(done.values()))
+    print(f"\nshapes benchmark: {len(args.seeds)} seed(s), mean ± std, last checkpoint of each run (no selection on val)")
+    print(table)
+    print(f"table: {out}")
+    print(f"MLflow: {last.tracking_uri}  experiment {last.experiment!r}")
+    print(f"  browse: mlflow ui --backend-store-uri {last.tracking_uri}")
+    print(f"  predict: ovdlab predict --checkpoint {last.checkpoint} --image IMAGE --vocab 'red circle,purple star' --out OUT")
     return 0
 
 

@@ -224,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {result.run_name} stopped at step {result.step}/{cfg.train.max_iter}; rerun the same command to continue")
     else:
         print(format_split_table(result.metrics))
-        print(f"best checkpoint (step {result.best_step}): {result.best_checkpoint}")
+        print(f"final checkpoint (step {result.step}, reported as trained: no selection on the evaluation split): {result.checkpoint}")
         print(f"COCO results: {result.results_path}")
     print(f"MLflow: {result.tracking_uri} experiment {result.experiment!r} run {result.mlflow_run_id}")
     return 0

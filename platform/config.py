@@ -40,6 +40,13 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+DEFAULT_NOVEL = (
+    "red circle", "green square", "blue triangle", "yellow cross",  # new pairs of known attributes
+    "red star", "green star", "blue star", "yellow star",  # "star": a shape no base class shows
+)
+"""The shapes world's novel classes: four compositional pairs and one held-out concept."""
+
+
 class ShapesConfig(Section):
     """Parameters of the synthetic ``shapes`` world (see ``ovdlab.platform.data.shapes``)."""
 
@@ -50,7 +57,8 @@ class ShapesConfig(Section):
     image_format: Literal["png", "jpg"] = "png"
     min_objects: int = Field(1, ge=1)
     max_objects: int = Field(6, ge=1)
-    novel: list[str] = Field(default_factory=lambda: ["red circle", "green square", "blue triangle", "yellow cross"])
+    novel: list[str] = Field(default_factory=lambda: list(DEFAULT_NOVEL))
+    oracle: bool = Field(False, description="annotate novel objects in train.json too: the ceiling run's world")
 
     @model_validator(mode="after")
     def _objects_range(self) -> "ShapesConfig":
@@ -163,8 +171,14 @@ class MethodConfig(Section):
 
 
 class TrainConfig(Section):
-    """Optimisation schedule; the loop itself is the platform's."""
+    """Optimisation schedule; the loop itself is the platform's.
 
+    ``vocabulary``: the classes trained on -- ``base`` (open-vocabulary detection), or
+    ``all`` for the oracle ceiling, which needs novel boxes in the training file
+    (``dataset.shapes.oracle``).
+    """
+
+    vocabulary: Literal["base", "all"] = "base"
     max_iter: int = Field(300, ge=1)
     batch_size: int = Field(8, ge=1)
     optimizer: Literal["sgd", "adamw"] = "sgd"

@@ -113,7 +113,7 @@ class Predictor:
     def from_mlflow_run(
         cls, run_id: str, cfg: ExperimentConfig, device: str | torch.device | None = None
     ) -> "Predictor":
-        """The best checkpoint of a training run: its ``best_checkpoint`` folder when that
+        """The final checkpoint of a training run: its ``checkpoint`` folder when that
         exists here, else the ``checkpoint/`` artifacts the run logged (``cfg`` only says
         where the tracking store is)."""
         from ovdlab.platform.tracking import tracker_from_config
@@ -122,13 +122,13 @@ class Predictor:
         if not tracker.enabled:
             raise ValueError("tracking.enabled is false; cannot look up an MLflow run")
         run = tracker.client.get_run(run_id)
-        local = run.data.tags.get("best_checkpoint")
+        local = run.data.tags.get("checkpoint")
         if local and (Path(local) / MODEL_FILE).is_file() and (Path(local) / CONFIG_FILE).is_file():
             return cls.from_checkpoint(local, device=device)
         names = {Path(a.path).name for a in tracker.client.list_artifacts(run_id, "checkpoint")}
         if not {MODEL_FILE, CONFIG_FILE} <= names:
             raise FileNotFoundError(
-                f"MLflow run {run_id} in {tracker.uri} has no usable checkpoint: tag best_checkpoint={local!r} "
+                f"MLflow run {run_id} in {tracker.uri} has no usable checkpoint: tag checkpoint={local!r} "
                 f"is not a checkpoint folder here and the run logged no checkpoint/{MODEL_FILE} + {CONFIG_FILE} "
                 f"(was the training completed?)"
             )

@@ -43,8 +43,8 @@ from ovdlab.platform.progress import progress
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
-"""Bump when the drawing changes, so old datasets on disk are regenerated."""
+GENERATOR_VERSION = 2
+"""Bump when what is written changes (2: categories tagged ``novel_kind``; ``oracle``)."""
 
 COLOR_NAMES: tuple[str, ...] = ("red", "green", "blue", "yellow")
 SHAPE_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "cross", "star")
@@ -162,22 +162,31 @@ def _boxes_touch(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def _validate(cfg: ShapesConfig) -> set[str]:
-    """Check the novel names; the world must still teach every attribute on base classes."""
+    """Check the novel names: known, listed once, and leaving base classes to train on."""
     known = class_names()
     unknown = [name for name in cfg.novel if name not in known]
     if unknown:
         raise ValueError(f"shapes.novel: unknown class name(s) {unknown}; known classes: {known}")
     if len(set(cfg.novel)) != len(cfg.novel):
         raise ValueError(f"shapes.novel lists a class twice: {cfg.novel}")
-    novel = set(cfg.novel)
-    base = [name for name in known if name not in novel]
-    for color in COLOR_NAMES:
-        if not any(name.split(" ")[0] == color for name in base):
-            raise ValueError(f"shapes.novel: colour {color!r} occurs in no base class, so it cannot be learned")
-    for shape in SHAPE_NAMES:
-        if not any(name.split(" ")[1] == shape for name in base):
-            raise ValueError(f"shapes.novel: shape {shape!r} occurs in no base class, so it cannot be learned")
-    return novel
+    if len(set(cfg.novel)) == len(known):
+        raise ValueError("shapes.novel names every class; at least one must stay base to train on")
+    return set(cfg.novel)
+
+
+def novel_kind(name: str, novel: set[str]) -> str:
+    """``"concept"`` when the class's colour or shape occurs in no base class, else ``"comp"``.
+
+    A ``comp`` class is a new pair of attributes that base boxes teach separately (a
+    detector can compose them); a ``concept`` class brings a visual concept that no base
+    box ever shows, as COCO's and LVIS's novel categories do -- only the teacher, which
+    saw captions of every class, knows it.
+    """
+    base = [c for c in class_names() if c not in novel]
+    color, shape = name.split(" ")
+    known_color = any(c.split(" ")[0] == color for c in base)
+    known_shape = any(c.split(" ")[1] == shape for c in base)
+    return "comp" if known_color and known_shape else "concept"
 
 
 def _low_saturation_color(rng: np.random.Generator) -> np.ndarray:
@@ -329,6 +338,7 @@ def _categories(novel: set[str]) -> list[dict[str, Any]]:
                 "split": "novel" if name in novel else "base",
                 "color": color,
                 "shape": shape,
+                **({"novel_kind": novel_kind(name, novel)} if name in novel else {}),
             }
         )
     return cats
@@ -495,7 +505,7 @@ def generate_shapes(out_dir: Path, cfg: ShapesConfig | None = None) -> Path:
                     captions.append(
                         {"image_id": image_id, "bbox": list(p.box), "category_id": cat_id[p.obj.name], "caption": text}
                     )
-                if split == "train" and is_novel:
+                if split == "train" and is_novel and not cfg.oracle:
                     continue
                 annotations.append(
                     {

@@ -25,6 +25,7 @@ from ovdlab.platform.evaluation.common import (
     eval_copy_of_gt,
     load_json_input,
     mean_valid,
+    novel_kind_means,
     prepare_results,
     silenced_prints,
     split_mean,
@@ -35,7 +36,9 @@ from ovdlab.platform.evaluation.common import (
 class SplitMetrics:
     """COCO-OVD metrics in percent (0-100, as papers report them).
 
-    ``classes_without_gt`` lists the category ids whose AP is undefined (NaN in
+    ``novel_kinds`` holds the AP50 of each kind of novel class when the categories carry
+    a ``novel_kind`` tag (shapes: ``comp`` and ``concept``), logged as
+    ``ap50_novel_<kind>``. ``classes_without_gt`` lists the category ids whose AP is undefined (NaN in
     ``per_class``, excluded from the means; a split none of whose classes has gt has
     a NaN mean). ``pr`` maps category id -> precision at IoU 0.5 over
     ``recall_thresholds`` (the 101 of COCOeval), kept from the same run for plotting:
@@ -50,12 +53,15 @@ class SplitMetrics:
     per_class: list[ClassAP]
     classes_without_gt: list[int] = field(default_factory=list)
     max_dets: int = 100
+    novel_kinds: dict[str, float] = field(default_factory=dict)
     pr: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     recall_thresholds: np.ndarray = field(default_factory=lambda: np.linspace(0.0, 1.0, 101), repr=False, compare=False)
 
     def as_dict(self) -> dict[str, float]:
         """Flat metric names, as logged to MLflow."""
-        return {"ap50_novel": self.ap50_novel, "ap50_base": self.ap50_base, "ap50_all": self.ap50_all, "ap": self.ap}
+        out = {"ap50_novel": self.ap50_novel, "ap50_base": self.ap50_base, "ap50_all": self.ap50_all, "ap": self.ap}
+        out.update({f"ap50_novel_{kind}": value for kind, value in self.novel_kinds.items()})
+        return out
 
 
 def category_splits(dataset: dict[str, Any]) -> dict[int, str]:
@@ -130,6 +136,7 @@ def evaluate_coco_ovd(gt: Path | str | dict, results: list[dict] | Path | str, m
     a_all = p.areaRngLbl.index("all")
     m = p.maxDets.index(max_dets)
     names = {int(c["id"]): str(c.get("name", c["id"])) for c in dataset["categories"]}
+    kinds = {int(c["id"]): c.get("novel_kind") for c in dataset["categories"]}
     num_gt, num_dets = _counts(ev)
 
     per_class: list[ClassAP] = []
@@ -145,6 +152,7 @@ def evaluate_coco_ovd(gt: Path | str | dict, results: list[dict] | Path | str, m
                 ap=mean_valid(precision[:, :, k, a_all, m]),
                 num_gt=num_gt[cat_id],
                 num_dets=num_dets[cat_id],
+                novel_kind=kinds[cat_id] if splits[cat_id] == "novel" else None,
             )
         )
         curves[cat_id] = np.where(pr50 > -1, pr50, np.nan).astype(float)
@@ -157,6 +165,7 @@ def evaluate_coco_ovd(gt: Path | str | dict, results: list[dict] | Path | str, m
         per_class=per_class,
         classes_without_gt=[c.category_id for c in per_class if np.isnan(c.ap50)],
         max_dets=max_dets,
+        novel_kinds=novel_kind_means(per_class),
         pr=curves,
         recall_thresholds=np.asarray(p.recThrs, dtype=float).copy(),
     )

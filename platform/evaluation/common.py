@@ -35,6 +35,9 @@ class ClassAP:
     ``num_gt`` counts the non-ignored (non-crowd) ground truths the evaluator used and
     ``num_dets`` the detections it scored for the class (after the per-image cap and,
     for LVIS, after its federated filtering). ``frequency`` is LVIS' r/c/f, else None.
+    ``novel_kind`` is a novel category's ``novel_kind`` tag when its dataset gives one
+    (the shapes world: ``comp``, a new pair of known attributes, or ``concept``, an
+    attribute no base class shows), else None.
     """
 
     category_id: int
@@ -45,6 +48,7 @@ class ClassAP:
     num_gt: int
     num_dets: int
     frequency: str | None = None
+    novel_kind: str | None = None
 
 
 def load_json_input(value: Path | str | dict | list, what: str) -> Any:
@@ -221,6 +225,16 @@ def split_mean(per_class: list[ClassAP], split: str | None, attr: str = "ap50") 
     """Mean of a per-class AP over a split's classes that have ground truth (NaN if none)."""
     vals = [getattr(c, attr) for c in per_class if (split is None or c.split == split) and not math.isnan(getattr(c, attr))]
     return float(np.mean(vals)) if vals else float("nan")
+
+
+def novel_kind_means(per_class: list[ClassAP], attr: str = "ap50") -> dict[str, float]:
+    """Mean per-class AP of the novel classes of each ``novel_kind`` (classes with ground truth)."""
+    kinds = sorted({c.novel_kind for c in per_class if c.split == "novel" and c.novel_kind})
+    out = {}
+    for kind in kinds:
+        vals = [getattr(c, attr) for c in per_class if c.novel_kind == kind and not math.isnan(getattr(c, attr))]
+        out[kind] = float(np.mean(vals)) if vals else float("nan")
+    return out
 
 
 def per_class_counts(cat_ids, eval_imgs, all_area, area_key: str, ignore_key: str, dets_key: str) -> tuple[dict[int, int], dict[int, int]]:

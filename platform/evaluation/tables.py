@@ -36,6 +36,7 @@ def summary_line(metrics: Metrics) -> str:
             f"AP50 novel {_fmt(metrics.ap50_novel)} | base {_fmt(metrics.ap50_base)} | "
             f"all {_fmt(metrics.ap50_all)} | AP {_fmt(metrics.ap)}"
         )
+        head += "".join(f" | novel_{kind} {_fmt(value)}" for kind, value in metrics.novel_kinds.items())
     counts = {s: sum(c.split == s for c in metrics.per_class) for s in SPLITS}
     tail = f"{len(metrics.per_class)} classes ({counts['novel']} novel, {counts['base']} base), {metrics.max_dets} dets/image"
     if metrics.classes_without_gt:
@@ -73,3 +74,32 @@ def per_class_csv(metrics: Metrics) -> str:
     for c in _ordered(metrics.per_class):
         writer.writerow([c.category_id, c.name, c.split, c.frequency or "", repr(c.ap50), repr(c.ap), c.num_gt, c.num_dets])
     return buf.getvalue()
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN when fewer than two values) of the finite values."""
+    finite = [v for v in values if not math.isnan(v)]
+    if not finite:
+        return float("nan"), float("nan")
+    mean = sum(finite) / len(finite)
+    if len(finite) < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in finite) / (len(finite) - 1))
+
+
+def format_comparison(runs: dict[str, list[dict[str, float]]], columns: dict[str, str]) -> str:
+    """A markdown table, one row per method: ``mean ± std`` over its runs (seeds) of each column.
+
+    ``runs`` maps a method to one metrics dict per run; ``columns`` maps a metric key to
+    its header. The spread is the sample standard deviation over the runs; a difference
+    between two rows smaller than their spreads is no difference.
+    """
+    header = ["method", "runs", *columns.values()]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, rows in runs.items():
+        cells = [method, str(len(rows))]
+        for key in columns:
+            mean, std = mean_std([float(r.get(key, float("nan"))) for r in rows])
+            cells.append(_fmt(mean) + ("" if math.isnan(std) else f" ± {std:.1f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -38,6 +38,7 @@ from open_clip.loss import ClipLoss
 
 from ovdlab.platform.config import ExperimentConfig, TeacherConfig, content_key
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset
+from ovdlab.platform.data.shapes import dataset_key
 from ovdlab.platform.progress import progress
 from ovdlab.platform.teacher.loading import (
     TINY_CONFIG,
@@ -309,10 +310,9 @@ def ensure_shapes_teacher(cfg: ExperimentConfig) -> Path:
             f"the shapes-tiny teacher is pretrained on the shapes world, not dataset.kind={cfg.dataset.kind!r}"
         )
     root = ensure_dataset(cfg)
-    meta_path = root / "shapes.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} missing: the shapes dataset at {root} is incomplete")
-    path = shapes_teacher_path(cfg.work_path(), json.loads(meta_path.read_text())["key"])
+    # The oracle world differs only in train.json's boxes; its captions and validation
+    # split, all the teacher learns from and is scored on, are the same: one teacher.
+    path = shapes_teacher_path(cfg.work_path(), dataset_key(cfg.dataset.shapes.model_copy(update={"oracle": False})))
     if path.is_file():
         return path
     log.info("pretraining the shapes-tiny teacher once -> %s", path)

@@ -1,7 +1,7 @@
 """Training: the shared per-worker loop, the TorchTrainer job, checkpoints, evaluation."""
 
 from ovdlab.platform.train.checkpoint import ModelCheckpoint, load_model_checkpoint, save_checkpoint
-from ovdlab.platform.train.evaluate import EvalOutput, evaluate_checkpoint, evaluate_model, selection_metric
+from ovdlab.platform.train.evaluate import EvalOutput, evaluate_checkpoint, evaluate_model
 from ovdlab.platform.train.loop import LocalSession, LoopArgs, LoopSummary, run_in_process, run_loop, train_loop_per_worker
 from ovdlab.platform.train.schedule import build_optimizer, build_scheduler, lr_multiplier
 from ovdlab.platform.train.trainer import TrainResult, build_trainer, prepare_training, train, train_in_process
@@ -24,7 +24,6 @@ __all__ = [
     "run_in_process",
     "run_loop",
     "save_checkpoint",
-    "selection_metric",
     "train",
     "train_in_process",
     "train_loop_per_worker",

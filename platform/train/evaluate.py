@@ -35,18 +35,6 @@ log = logging.getLogger(__name__)
 
 Metrics = SplitMetrics | LVISMetrics
 
-# The number a checkpoint is ranked by: novel AP50 on COCO-format datasets, APr on LVIS.
-SELECTION_METRIC = {"coco": "ap50_novel", "shapes": "ap50_novel", "lvis": "apr"}
-
-
-def selection_metric(kind: str) -> str:
-    """Name of the metric that ranks checkpoints for dataset ``kind``."""
-    try:
-        return SELECTION_METRIC[kind]
-    except KeyError:
-        raise ValueError(f"no selection metric for dataset kind {kind!r}; known: {sorted(SELECTION_METRIC)}") from None
-
-
 @dataclass
 class EvalOutput:
     """Metrics, the COCO results they were computed from, and the images skipped."""

@@ -14,9 +14,10 @@ Every ``eval_period`` steps and at the end, rank 0 evaluates on the validation s
 with the full vocabulary (base + novel) while the other ranks wait at the report.
 Every ``checkpoint_period`` steps, at each evaluation and at the end, the state is
 reported to Ray Train (``ray.train.report``, a barrier every rank reaches the same
-number of times) with a checkpoint written by rank 0 only; the checkpoint's metrics
-carry the selection metric (novel AP50, or APr on LVIS; ``NOT_EVALUATED`` = -1 when
-not evaluated at that step) by which Ray Train keeps the best one. A restarted worker group (Ray's
+number of times) with a checkpoint written by rank 0 only; Ray Train keeps the latest,
+which the job reports: the final model, as papers report it, so that model selection
+never looks at the novel classes (choosing the checkpoint with the best novel AP50 on
+the evaluation split would leak them into it). A restarted worker group (Ray's
 ``FailureConfig`` retries) or a rerun of the same run name finds the latest
 checkpoint in ``ray.train.get_checkpoint()`` and continues from its step.
 
@@ -61,7 +62,7 @@ from ovdlab.platform.train.checkpoint import (
     load_trainer_state,
     save_checkpoint,
 )
-from ovdlab.platform.train.evaluate import EvalOutput, evaluate_model, selection_metric
+from ovdlab.platform.train.evaluate import EvalOutput, evaluate_model
 from ovdlab.platform.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,6 @@ EVAL_SKIP_SCORING = (
     "no detections: an undecodable validation image stays in the ground truth, so its boxes count as "
     "missed (false negatives) and lower recall and AP"
 )
-NOT_EVALUATED = -1.0
-"""Selection metric of a checkpoint saved without evaluation: below every AP, and finite
-(Ray Train persists the checkpoint metrics as JSON, where NaN does not survive a restore)."""
 
 
 @dataclass
@@ -337,7 +335,6 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     device = session.device(cfg)
     rank0 = session.rank == 0
     tracker = args.tracker if rank0 else None
-    metric_name = selection_metric(cfg.dataset.kind)
 
     banks = load_text_banks(args.text_path)
     train_text = banks["train"]["embeddings"].float()
@@ -423,7 +420,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
             _log_losses(tracker, rows)
             progress.step(done, rows[-1][1]["total_loss"], lr)
         if save_now:
-            metrics: dict[str, Any] = {"step": done, metric_name: NOT_EVALUATED}
+            metrics: dict[str, Any] = {"step": done}
             results = None
             if evaluate_now and rank0 and val_set is not None:
                 progress.say(f"step {done}: evaluating {len(val_set)} {val_set.ann_json.name} images with all classes")
@@ -439,7 +436,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
                 "steps_per_second": summary.steps_per_second, "data_fraction": summary.data_fraction,
                 "loss": summary.losses[-1], "train_skipped_images": len(summary.skipped_images),
             })
-            metrics = _finite(metrics, metric_name)
+            metrics = _finite(metrics)
             _checkpoint_and_report(session, cfg, raw, meta, optimizer, scheduler, scaler, done, metrics, results)
             summary.end_step = done
     _log_train_skips(tracker, summary)
@@ -499,13 +496,10 @@ def _log_train_skips(tracker: Tracker | None, summary: LoopSummary) -> None:
         )
 
 
-def _finite(metrics: dict[str, Any], metric_name: str) -> dict[str, Any]:
+def _finite(metrics: dict[str, Any]) -> dict[str, Any]:
     """Metrics safe to persist: NaN (an AP without ground truth, no timed step yet) does
-    not survive Ray Train's JSON round trip, so it is dropped, and an undefined selection
-    metric becomes ``NOT_EVALUATED``."""
-    out = {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
-    out.setdefault(metric_name, NOT_EVALUATED)
-    return out
+    not survive Ray Train's JSON round trip, so it is dropped."""
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
 
 
 def _flush(pending: list[tuple[int, dict[str, torch.Tensor]]], summary: LoopSummary) -> list[tuple[int, dict[str, float]]]:

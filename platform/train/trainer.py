@@ -14,11 +14,12 @@ run it:
    resumed job never makes a second run. Params = the resolved config.
 3. ``TorchTrainer(train_loop_per_worker)`` with ``ScalingConfig`` from ``ray.*``
    (workers, GPU per worker, CPUs per worker), ``RunConfig(storage_path=<work_dir>/runs,
-   name=<run name>)``, ``CheckpointConfig`` keeping the best checkpoint by the
-   selection metric (plus the latest, which Ray Train always keeps), and
+   name=<run name>)``, ``CheckpointConfig`` keeping the latest checkpoint, and
    ``FailureConfig(max_failures)``: a failed worker group restarts from the latest
    checkpoint. Rerunning with the same run name and storage path resumes the same way.
-4. The best checkpoint's stored validation results are scored again on the driver and
+4. The final checkpoint -- the last one, never one chosen by a metric, so that model
+   selection never sees the novel classes -- has its stored validation results scored
+   again on the driver and
    logged with the per-class table, plots and detection pictures
    (:func:`~ovdlab.platform.evaluation.reporting.log_evaluation`); its weights and
    config are logged as the run's ``checkpoint/`` artifacts for ``ovdlab predict --run``.
@@ -54,8 +55,7 @@ from ovdlab.platform.evaluation.reporting import grid_detections, log_evaluation
 from ovdlab.platform.teacher.loading import Teacher
 from ovdlab.platform.tracking import Tracker, tracker_from_config
 from ovdlab.platform.train.checkpoint import CONFIG_FILE, MODEL_FILE, RESULTS_FILE, load_results
-from ovdlab.platform.train.evaluate import selection_metric
-from ovdlab.platform.train.loop import NOT_EVALUATED, LoopArgs, LoopSummary, run_in_process, train_loop_per_worker
+from ovdlab.platform.train.loop import LoopArgs, LoopSummary, run_in_process, train_loop_per_worker
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ class TrainResult:
     """Outcome of :func:`train`.
 
     ``completed`` is False when the fit stopped before ``train.max_iter`` (``stop_at``);
-    ``metrics`` are the best checkpoint's validation metrics (None when not completed),
-    ``results_path`` its COCO results file.
+    ``checkpoint`` is the latest checkpoint (the final model when completed), ``metrics``
+    its validation metrics (None when not completed), ``results_path`` its COCO results.
     """
 
     run_name: str
@@ -81,8 +81,7 @@ class TrainResult:
     experiment: str
     completed: bool
     step: int
-    best_checkpoint: Path | None
-    best_step: int | None
+    checkpoint: Path | None
     metrics: SplitMetrics | LVISMetrics | None
     results_path: Path | None
 
@@ -99,11 +98,13 @@ class Prepared:
 
 
 def run_name_for(cfg: ExperimentConfig) -> str:
-    """``tracking.run_name`` or ``<method>-<dataset>-<8 hex of the config hash>``.
+    """``tracking.run_name`` or ``<method>[-oracle]-<dataset>-<8 hex of the config hash>``.
 
-    Readable in the MLflow runs table, and stable: an unchanged config resumes its run.
+    Readable in the MLflow runs table (``-oracle`` marks a run trained on every class,
+    the ceiling), and stable: an unchanged config resumes its run.
     """
-    return cfg.tracking.run_name or f"{cfg.method.name}-{cfg.dataset.kind}-{cfg.content_hash()[:8]}"
+    oracle = "-oracle" if cfg.train.vocabulary == "all" else ""
+    return cfg.tracking.run_name or f"{cfg.method.name}{oracle}-{cfg.dataset.kind}-{cfg.content_hash()[:8]}"
 
 
 def run_dir_for(cfg: ExperimentConfig) -> Path:
@@ -143,13 +144,12 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
 
     ensure_dataset(cfg)
     train_set, val_set = load_dataset(cfg, "train"), load_dataset(cfg, "val")
-    if not train_set.base_ids:
-        raise ValueError(f"{train_set.ann_json} has no base categories to train on")
+    train_ids = training_classes(cfg, train_set)
     teacher, teacher_file = load_training_teacher(cfg)
     cache = cfg.work_path("text_banks")
     recipe = cfg.teacher.prompt
     banks = {
-        "train": _bank_entry(teacher, train_set, list(train_set.base_ids), recipe, cache),
+        "train": _bank_entry(teacher, train_set, train_ids, recipe, cache),
         "eval": _bank_entry(teacher, val_set, list(val_set.category_ids), recipe, cache),
         "teacher_id": teacher.teacher_id,
         "teacher_digest": teacher.digest,
@@ -165,6 +165,25 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
         store_path = run_extraction(cfg, "train").store
     datasets = {"train": train_set, "val": val_set}
     return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets)
+
+
+def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
+    """Category ids trained on: the base classes, or every class for the oracle (``train.vocabulary=all``).
+
+    The oracle is refused on a training file without novel boxes: it would train the
+    novel classes as background and report a "ceiling" below the real one.
+    """
+    if cfg.train.vocabulary == "base":
+        if not train_set.base_ids:
+            raise ValueError(f"{train_set.ann_json} has no base categories to train on")
+        return list(train_set.base_ids)
+    novel = set(train_set.novel_ids)
+    if not any(a["category_id"] in novel for i in train_set.image_ids for a in train_set.annotations(i)):
+        raise ValueError(
+            f"train.vocabulary=all (the oracle) needs novel boxes in {train_set.ann_json}, which has none; "
+            f"on shapes set dataset.shapes.oracle=true"
+        )
+    return list(train_set.category_ids)
 
 
 def check_worker_inputs(cfg: ExperimentConfig, prepared: Prepared) -> None:
@@ -204,7 +223,7 @@ def log_dataset_problems(tracker: Tracker, datasets: dict[str, OVDDataset]) -> N
 
 
 def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_failures: int = DEFAULT_MAX_FAILURES):
-    """The ``TorchTrainer`` of a run: scaling from ``ray.*``, best-by-selection-metric checkpoints."""
+    """The ``TorchTrainer`` of a run: scaling from ``ray.*``, the latest checkpoint kept."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -220,11 +239,7 @@ def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_fail
         run_config=RunConfig(
             name=run_name,
             storage_path=str(cfg.work_path(RUNS_DIR)),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1,
-                checkpoint_score_attribute=selection_metric(cfg.dataset.kind),
-                checkpoint_score_order="max",
-            ),
+            checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
         ),
     )
@@ -249,18 +264,6 @@ def _write_run_info(run_dir: Path, cfg: ExperimentConfig, tracker: Tracker, run_
     info = {"config_hash": cfg.content_hash(), "mlflow_run_id": run_id, "tracking_uri": tracker.uri,
             "experiment": tracker.experiment}
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1))
-
-
-def _best(result: Any, metric: str) -> tuple[Path | None, dict[str, Any]]:
-    """The kept evaluated checkpoint with the highest ``metric`` (else the latest one)."""
-    best_path, best_metrics, best_value = None, {}, -math.inf
-    for checkpoint, metrics in getattr(result, "best_checkpoints", None) or []:
-        value = metrics.get(metric)
-        if isinstance(value, (int, float)) and math.isfinite(value) and value > NOT_EVALUATED and value > best_value:
-            best_path, best_metrics, best_value = Path(checkpoint.path), metrics, value
-    if best_path is None and result.checkpoint is not None:
-        best_path, best_metrics = Path(result.checkpoint.path), dict(result.metrics or {})
-    return best_path, best_metrics
 
 
 def _vis_images(dataset: OVDDataset, count: int) -> tuple[list[int], list[Any]]:
@@ -294,7 +297,7 @@ def report_checkpoint(
         tracker.log_artifact(checkpoint / RESULTS_FILE, "eval")
         for name in (MODEL_FILE, CONFIG_FILE):
             tracker.log_artifact(checkpoint / name, "checkpoint")
-        tracker.set_tags({"best_checkpoint": str(checkpoint)})
+        tracker.set_tags({"checkpoint": str(checkpoint)})
     return metrics, checkpoint / RESULTS_FILE
 
 
@@ -313,7 +316,6 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
     prepared = prepare_training(cfg, run_dir)
     check_worker_inputs(cfg, prepared)
     ensure_ray(cfg)
-    metric = selection_metric(cfg.dataset.kind)
     tags = {"run_name": name, "kind": "train"}
     with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:
         _write_run_info(run_dir, cfg, tracker, run_id)
@@ -330,13 +332,11 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
         result = build_trainer(cfg, args, name, max_failures).fit()
         step = int((result.metrics or {}).get("step", 0))
         completed = step >= cfg.train.max_iter
-        best, best_metrics = _best(result, metric)
-        metrics, results_path, best_step = None, None, None
-        if completed and best is not None:
-            best_step = int(best_metrics.get("step", step))
-            metrics, results_path = report_checkpoint(cfg, best, tracker, step=step)
-            tracker.set_tags({"best_step": best_step})
-        tracker.set_tags({"completed": completed, "step": step})
+        last = Path(result.checkpoint.path) if result.checkpoint is not None else None
+        metrics, results_path = None, None
+        if completed and last is not None:
+            metrics, results_path = report_checkpoint(cfg, last, tracker, step=step)
+        tracker.set_tags({"completed": completed, "step": step, "reported_checkpoint": "last"})
     return TrainResult(
         run_name=name,
         run_dir=run_dir,
@@ -345,8 +345,7 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
         experiment=tracker.experiment,
         completed=completed,
         step=step,
-        best_checkpoint=best,
-        best_step=best_step,
+        checkpoint=last,
         metrics=metrics,
         results_path=results_path,
     )

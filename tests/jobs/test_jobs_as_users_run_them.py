@@ -73,17 +73,22 @@ def only_run(db: Path, name_prefix: str):
 
 
 def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
-    """The README's first command (after the install), shrunk: default work dir, own Ray."""
-    out = run_as_user([PYTHON, "jobs/shapes_demo.py", *tiny_overrides, *SHRUNK_RUN], clone)
-    assert TABLE.search(out), out[-4000:]
-    assert out.count("[ovdlab train] step 2/4 (50%)") == 1, "each progress line reaches the console once"
+    """The README's first command (after the install), shrunk to one seed: every method and
+    the oracle, default work dir, own Ray, one comparison table."""
+    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN], clone)
+    for method in ("vild-text", "vild", "oracle"):
+        assert re.search(rf"^\| {method} \| 1 \| (\d+\.\d|n/a) \| ", out, re.M), out[-4000:]
+    assert out.count("[ovdlab train] step 2/4 (50%)") == 3, "each run's progress lines reach the console once"
     assert "[ovdlab train] step 4: evaluating 8 val.json images" in out
     assert "shapes world: train images 24/24 (100%)" in out
-    client, run = only_run(clone / "work" / "mlflow.db", "vild-text-shapes-")
-    assert run.data.tags["completed"] == "True"
-    metrics = run.data.metrics
-    assert {"ap50_novel", "ap50_base", "ap50_all", "problems/train_annotations_skipped", "problems/eval_skipped_images"} <= set(metrics)
-    assert (clone / "work" / "runs" / run.info.run_name / "ovdlab_run.json").is_file()
+    for prefix in ("vild-text-shapes-", "vild-shapes-", "vild-text-oracle-shapes-"):
+        client, run = only_run(clone / "work" / "mlflow.db", prefix)
+        assert run.data.tags["completed"] == "True" and run.data.tags["reported_checkpoint"] == "last"
+        metrics = run.data.metrics
+        assert {"ap50_novel_concept", "ap50_novel_comp", "ap50_base", "problems/train_annotations_skipped",
+                "problems/eval_skipped_images"} <= set(metrics)
+        assert (clone / "work" / "runs" / run.info.run_name / "ovdlab_run.json").is_file()
+    assert (clone / "work" / "comparison.md").is_file()
 
 
 def test_ovdlab_extract_then_train_from_a_fresh_clone(clone, tiny_overrides):
@@ -172,7 +177,7 @@ def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_p
     shared = tmp_path / "shared"
     out = run_as_user(
         [BIN / "ray", "job", "submit", "--working-dir", ".", "--", "python", "jobs/shapes_demo.py",
-         f"work_dir={shared}", *tiny_overrides, *SHRUNK_RUN],
+         "--methods", "vild-text", "--seeds", "0", f"work_dir={shared}", *tiny_overrides, *SHRUNK_RUN],
         clone, RAY_AUTH_MODE="token", RAY_API_SERVER_ADDRESS=local_head,
     )
     assert TABLE.search(out) and "succeeded" in out, out[-4000:]

@@ -1,4 +1,4 @@
-"""The README's main job end to end, shrunk: world, teacher, Ray Train, evaluation, MLflow."""
+"""The README's main job, shrunk, in-process: world, teacher, Ray Train, evaluation, MLflow, the table."""
 
 from __future__ import annotations
 
@@ -7,32 +7,31 @@ from mlflow import MlflowClient
 
 from ovdlab.jobs import shapes_demo
 
-DEMO = [
-    "train.max_iter=6",
-    "train.eval_period=3",
-    "train.checkpoint_period=3",
-    "tracking.run_name=demo-test",
-]
+SHRUNK = ["train.max_iter=6", "train.eval_period=3", "train.checkpoint_period=3"]
 
 
 @pytest.mark.slow
 def test_shapes_demo_end_to_end(tmp_path, ray_local, tiny_overrides, capsys):
     """Tiny world, ``shapes-tiny`` with deterministic random weights (its pretraining has
-    its own tests), two evaluations, one MLflow run with the pictures."""
+    its own tests), two evaluations, one MLflow run with the pictures, the comparison table."""
     work_dir = tmp_path / "work"
-    assert shapes_demo.main([f"work_dir={work_dir}"] + tiny_overrides + DEMO) == 0
+    assert shapes_demo.main(["--methods", "vild-text", "--seeds", "0", f"work_dir={work_dir}", *tiny_overrides, *SHRUNK]) == 0
     out = capsys.readouterr().out
-    assert "AP50 novel" in out and "MLflow:" in out and "best checkpoint" in out
+    assert "| method | runs | AP50 novel_concept | AP50 novel_comp | AP50 novel | AP50 base | AP50 all | train min |" in out
+    assert "| vild-text | 1 |" in out and "MLflow:" in out and "final checkpoint" in out
+    assert (work_dir / "comparison.md").read_text().count("| vild-text | 1 |") == 1
 
     client = MlflowClient(f"sqlite:///{work_dir / 'mlflow.db'}")
     exp = client.get_experiment_by_name("shapes")
-    runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'demo-test'")
+    runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    for name in ("ap50_novel", "ap50_base", "ap50_all", "train/total_loss"):
+    assert run.info.run_name.startswith("vild-text-shapes-")
+    for name in ("ap50_novel", "ap50_novel_comp", "ap50_novel_concept", "ap50_base", "ap50_all", "train/total_loss"):
         assert name in run.data.metrics
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/ap50_all")] == [3, 6]
     assert run.data.tags["method"] == "vild-text" and run.data.tags["completed"] == "True"
+    assert run.data.tags["reported_checkpoint"] == "last"
     assert {"eval/detections.png", "eval/per_class_ap.png", "eval/pr_curves.png", "eval/per_class_ap.txt"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "eval")
     }
@@ -47,4 +46,10 @@ def test_bad_config_is_one_line_naming_the_field_before_any_work(tmp_path, repo_
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "train.optimizer" in out.stderr and "sgd" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "work").exists()
+
+
+def test_a_method_needing_proposals_without_their_source_fails_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="add vild-text to --methods"):
+        shapes_demo.main(["--methods", "vild", f"work_dir={tmp_path / 'work'}"])
     assert not (tmp_path / "work").exists()

@@ -13,7 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ovdlab.platform.evaluation import evaluate, evaluate_coco_ovd
+from ovdlab.platform.evaluation import evaluate, evaluate_coco_ovd, format_split_table
 
 NOVEL_IDS = (2, 5)
 NO_GT_ID = 6  # a category in the vocabulary with no annotation in the eval images
@@ -303,3 +303,20 @@ def test_pycocotools_prints_stay_silent_under_a_patched_print(monkeypatch):
             for a in gt["annotations"]]
     assert evaluate_coco_ovd(gt, dets).ap50_all == 100.0
     assert heard == []
+
+
+def test_novel_kinds_are_scored_apart():
+    """Shapes tags novel classes ``comp`` or ``concept``; each kind gets its AP50 mean, the
+    same per-class numbers the novel mean is made of."""
+    gt = make_gt(2)
+    kinds = dict(zip(sorted(NOVEL_IDS), ["comp", "concept"]))
+    for cat in gt["categories"]:
+        if cat["id"] in kinds:
+            cat["novel_kind"] = kinds[cat["id"]]
+    m = evaluate_coco_ovd(gt, jittered_dets(gt, 5))
+    by_id = {c.category_id: c for c in m.per_class}
+    assert m.novel_kinds == {kind: by_id[i].ap50 for i, kind in kinds.items()}
+    assert m.as_dict()["ap50_novel_concept"] == by_id[sorted(NOVEL_IDS)[1]].ap50
+    assert "novel_comp" in format_split_table(m).splitlines()[0]
+    plain = evaluate_coco_ovd(make_gt(2), jittered_dets(make_gt(2), 5))
+    assert plain.novel_kinds == {} and set(plain.as_dict()) == {"ap50_novel", "ap50_base", "ap50_all", "ap"}

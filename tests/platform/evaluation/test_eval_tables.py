@@ -49,3 +49,19 @@ def test_csv_round_trip():
         r = by_id[c.category_id]
         assert (r["name"], r["split"], int(r["num_gt"]), int(r["num_dets"])) == (c.name, c.split, c.num_gt, c.num_dets)
         assert math.isnan(float(r["ap50"])) if math.isnan(c.ap50) else float(r["ap50"]) == c.ap50
+
+
+def test_comparison_table_is_mean_and_sample_std_over_runs():
+    from ovdlab.platform.evaluation.tables import format_comparison, mean_std
+
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    mean, std = mean_std([4.0])
+    assert mean == 4.0 and math.isnan(std)
+    table = format_comparison(
+        {"vild-text": [{"ap50_novel": 10.0, "m": 2.0}, {"ap50_novel": 14.0, "m": 4.0}], "oracle": [{"ap50_novel": 80.0}]},
+        {"ap50_novel": "AP50 novel", "m": "train min"},
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| method | runs | AP50 novel | train min |"
+    assert lines[2] == "| vild-text | 2 | 12.0 ± 2.8 | 3.0 ± 1.4 |"
+    assert lines[3] == "| oracle | 1 | 80.0 | n/a |"

@@ -26,6 +26,7 @@ def test_run_name_is_readable_and_stable(tiny_cfg_factory):
     assert run_name_for(tiny_cfg_factory()) == name
     assert run_name_for(tiny_cfg_factory(["train.lr=0.05"])) != name
     assert run_name_for(tiny_cfg_factory(["tracking.run_name=mine"])) == "mine"
+    assert run_name_for(tiny_cfg_factory(["train.vocabulary=all"])).startswith("vild-text-oracle-shapes-")
 
 
 def test_missing_worker_input_is_one_clear_error_before_the_trainer(tiny_cfg_factory):
@@ -68,3 +69,22 @@ def test_skipped_annotations_are_counted_and_listed_in_the_run(tiny_cfg_factory,
     table = json.loads(Path(client.download_artifacts(run_id, "problems/annotations_train.json", str(tmp_path))).read_text())
     assert sorted(p["ann_id"] for p in table["skipped"]) == [9001, 9002, 9003]
     assert {p["kind"] for p in table["skipped"]} == {"invalid_bbox", "unknown_category"}
+
+
+def test_oracle_trains_every_class_and_needs_novel_boxes(tiny_cfg_factory):
+    """The ceiling row: novel boxes in train.json (``dataset.shapes.oracle``) and every class trained."""
+    from ovdlab.platform.data.catalog import ensure_dataset
+    from ovdlab.platform.train.trainer import training_classes
+
+    plain = tiny_cfg_factory()
+    ensure_dataset(plain)
+    train_set = load_dataset(plain, "train")
+    assert training_classes(plain, train_set) == list(train_set.base_ids)
+    wrong = tiny_cfg_factory(["train.vocabulary=all"])
+    with pytest.raises(ValueError, match="needs novel boxes .* dataset.shapes.oracle=true"):
+        training_classes(wrong, train_set)
+    oracle = tiny_cfg_factory(["train.vocabulary=all", "dataset.shapes.oracle=true", "dataset.root=data/shapes-oracle"])
+    ensure_dataset(oracle)
+    oracle_set = load_dataset(oracle, "train")
+    assert training_classes(oracle, oracle_set) == list(oracle_set.category_ids)
+    assert len(oracle_set.category_ids) > len(oracle_set.base_ids)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from ovdlab.platform.train.loop import (
     _SkipUndecodable,
     run_loop,
 )
-from ovdlab.platform.train.trainer import RUN_INFO, _best, prepare_training, run_dir_for, train
+from ovdlab.platform.train.trainer import RUN_INFO, prepare_training, run_dir_for, train
 
 
 def test_losses_fall_in_process(tiny_cfg_factory):
@@ -78,7 +77,7 @@ def test_two_gloo_workers_stop_and_resume_into_one_mlflow_run(tiny_cfg_factory, 
     second = train(cfg, max_failures=0)
     assert second.completed and second.step == 8
     assert second.mlflow_run_id == first.mlflow_run_id
-    assert second.best_checkpoint is not None and load_trainer_state(second.best_checkpoint)["step"] == 8
+    assert second.checkpoint is not None and load_trainer_state(second.checkpoint)["step"] == 8  # the last one
     assert second.metrics is not None and second.results_path is not None and second.results_path.is_file()
 
     client = MlflowClient(second.tracking_uri)
@@ -92,6 +91,7 @@ def test_two_gloo_workers_stop_and_resume_into_one_mlflow_run(tiny_cfg_factory, 
     for name in ("ap50_novel", "ap50_base", "ap50_all", "val/ap50_novel"):
         assert name in run.data.metrics
     assert run.data.params["train.max_iter"] == "8"
+    assert run.data.tags["reported_checkpoint"] == "last" and run.data.tags["checkpoint"] == str(second.checkpoint)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
     assert {"eval/per_class_ap.png", "eval/pr_curves.png", "eval/detections.png", "eval/per_class_ap.csv"} <= artifacts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")} >= {"checkpoint/model.pt"}
@@ -104,30 +104,6 @@ def test_changed_config_does_not_resume_an_old_run(tiny_cfg_factory):
     (run_dir / RUN_INFO).write_text('{"config_hash": "0123456789ab", "mlflow_run_id": null}')
     with pytest.raises(ValueError, match="resuming would mix two configs"):
         train(cfg)
-
-
-@dataclass
-class _Ckpt:
-    path: str
-
-
-@dataclass
-class _Result:
-    best_checkpoints: list
-    checkpoint: _Ckpt | None
-    metrics: dict
-
-
-def test_best_checkpoint_ignores_unevaluated_ones():
-    result = _Result(
-        best_checkpoints=[(_Ckpt("/a"), {"ap50_novel": 3.0, "step": 4}), (_Ckpt("/b"), {"ap50_novel": -1.0, "step": 8}),
-                          (_Ckpt("/c"), {"ap50_novel": 7.5, "step": 6})],
-        checkpoint=_Ckpt("/b"),
-        metrics={"step": 8},
-    )
-    assert _best(result, "ap50_novel") == (Path("/c"), {"ap50_novel": 7.5, "step": 6})
-    only_latest = _Result(best_checkpoints=[(_Ckpt("/b"), {"ap50_novel": -1.0})], checkpoint=_Ckpt("/b"), metrics={"step": 2})
-    assert _best(only_latest, "ap50_novel") == (Path("/b"), {"step": 2})
 
 
 class _Flaky:
