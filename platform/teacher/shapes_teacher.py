@@ -165,9 +165,13 @@ def zero_shot_accuracy(teacher: Teacher, dataset: OVDDataset, crop: str = "plain
     def acc(mask: torch.Tensor) -> float:
         return float(correct[mask].mean()) if mask.any() else float("nan")
 
+    kind_of = {int(c["id"]): c.get("novel_kind") for c in dataset.categories}
+    kinds = sorted({kind_of[i] for i in novel if kind_of[i]})
+    by_kind = {f"acc_novel_{k}": acc(torch.tensor([kind_of[lab] == k for lab in labels])) for k in kinds}
     return {
         "acc_base": acc(~is_novel),
         "acc_novel": acc(is_novel),
+        **by_kind,
         "acc_all": float(correct.mean()),
         "n_base": int((~is_novel).sum()),
         "n_novel": int(is_novel.sum()),
@@ -289,9 +293,10 @@ def _pretrain(
         **result,
     }
     write_checkpoint(model, Path(out_path), meta)
+    kinds = "".join(f", {k[len('acc_'):]} {v:.3f}" for k, v in result.items() if k.startswith("acc_novel_"))
     log.info(
-        "shapes-tiny teacher: zero-shot acc base %.3f novel %.3f (%d steps, %.0f s) -> %s",
-        result["acc_base"], result["acc_novel"], total, result["seconds"], out_path,
+        "shapes-tiny teacher: zero-shot acc base %.3f novel %.3f%s (%d steps, %.0f s) -> %s",
+        result["acc_base"], result["acc_novel"], kinds, total, result["seconds"], out_path,
     )
     return result
 
