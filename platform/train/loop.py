@@ -26,8 +26,8 @@ steps, into the job's single run (the tracker handed over by the driver already 
 it open). At each of those flushes rank 0 prints one progress line (step, loss, steps/s,
 ETA) to its stdout, which Ray forwards to the driver's console. Images skipped because
 they cannot be decoded -- in training and in evaluation -- are counted in the reported
-metrics and listed in the run's ``problems/`` artifacts. The same loop runs in-process (:class:`LocalSession`) for benchmarks and
-debugging.
+metrics and listed in the run's ``problems/`` artifacts. The same loop runs in-process
+(:class:`LocalSession`) for benchmarks and debugging.
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
     return list(train_set.category_ids)
 
 
-def check_worker_inputs(cfg: ExperimentConfig, prepared: Prepared) -> None:
+def check_worker_inputs(prepared: Prepared) -> None:
     """Every file a training worker reads exists and is named by an absolute path.
 
     Workers run in their own folders (Ray Train V2 starts them in the run's artifacts
@@ -314,7 +314,7 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
     info = _read_run_info(run_dir, cfg)
     tracker = tracker_from_config(cfg)
     prepared = prepare_training(cfg, run_dir)
-    check_worker_inputs(cfg, prepared)
+    check_worker_inputs(prepared)
     ensure_ray(cfg)
     tags = {"run_name": name, "kind": "train"}
     with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:

@@ -32,13 +32,13 @@ def test_run_name_is_readable_and_stable(tiny_cfg_factory):
 def test_missing_worker_input_is_one_clear_error_before_the_trainer(tiny_cfg_factory):
     cfg = tiny_cfg_factory()
     prepared = prepare_training(cfg, run_dir_for(cfg))
-    check_worker_inputs(cfg, prepared)
+    check_worker_inputs(prepared)
     prepared.text_path.unlink()
     with pytest.raises(FileNotFoundError, match=r"training inputs missing before the trainer starts: text bank: /"):
-        check_worker_inputs(cfg, prepared)
+        check_worker_inputs(prepared)
     prepared.datasets["val"].ann_json = Path("annotations/val.json")
     with pytest.raises(ValueError, match="must be absolute paths.*val annotations: annotations/val.json"):
-        check_worker_inputs(cfg, prepared)
+        check_worker_inputs(prepared)
 
 
 def test_skipped_annotations_are_counted_and_listed_in_the_run(tiny_cfg_factory, tmp_path):
