@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ovdlab.platform.cluster import init_address
+from ovdlab.platform.cluster import init_ray
 from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.pipelines.extract import ExtractionSummary, extract_in_process, plan_extraction, run_extraction
 from ovdlab.platform.proposals.base import xywh_to_xyxy
@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ray runs its workers at niceness 15 so that its own control processes keep
         # priority; on a machine shared with other work that would measure the OS
         # scheduler, not the pipeline, so the workers get the loop's priority here.
-        ray.init(address=init_address(None), include_dashboard=False, configure_logging=False, log_to_driver=False,
+        init_ray(None, include_dashboard=False, configure_logging=False, log_to_driver=False,
                  _system_config={"worker_niceness": 0})
     print(
         f"bench_extract on {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), Ray {ray.__version__}, "

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
 from ovdlab.platform.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
 ADDRESS_ENV = "RAY_ADDRESS"
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+"""Read by a local Ray start for its GCS port (``ray._private.node``)."""
 SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor in the environment of a ``ray job submit`` entrypoint."""
 
@@ -26,6 +30,44 @@ def init_address(configured: str | None) -> str:
     return configured or os.environ.get(ADDRESS_ENV) or "local"
 
 
+def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
+    """``ray.init`` at :func:`init_address`; a local Ray is started so its workers know its address.
+
+    With several Ray instances on one machine (two jobs, a job next to a test session),
+    Ray Train V2's placement-group cleaner -- an actor that asks the State API whether
+    the training controller is alive -- resolves "the" cluster by the machine's
+    last-started one, does not find the controller there, takes it for dead and removes
+    the run's placement group: the training worker is killed mid-run (seen in a demo run
+    next to the test suite). So the local GCS gets a port chosen here
+    (``RAY_GCS_SERVER_PORT``) and every worker gets ``RAY_ADDRESS`` pointing at it.
+    """
+    import ray
+    from ray._private.services import get_node_ip_address
+
+    target = init_address(address)
+    if target != "local":
+        ray.init(address=target, **init_kwargs)
+        return
+    port = _free_port()
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), ADDRESS_ENV: f"{get_node_ip_address()}:{port}"}
+    previous = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = str(port)
+    try:
+        ray.init(address="local", runtime_env=runtime_env, **init_kwargs)
+    finally:
+        if previous is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = previous
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return int(sock.getsockname()[1])
+
+
 def ensure_ray(cfg: ExperimentConfig) -> None:
     """Connect to the cluster :func:`init_address` names, or start a local Ray.
 
@@ -39,7 +81,7 @@ def ensure_ray(cfg: ExperimentConfig) -> None:
 
     warn_if_work_dir_is_temporary(cfg)
     if not ray.is_initialized():
-        ray.init(address=init_address(cfg.ray.address), configure_logging=False)
+        init_ray(cfg.ray.address, configure_logging=False)
 
 
 def warn_if_work_dir_is_temporary(cfg: ExperimentConfig, cwd: Path | None = None) -> bool:

@@ -63,7 +63,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        from ovdlab.platform.cluster import init_ray
+
+        init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
                  _system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()

@@ -101,8 +101,10 @@ def test_ovdlab_extract_then_train_from_a_fresh_clone(clone, tiny_overrides):
     out = run_as_user([BIN / "ovdlab", "train", "experiments/vild_text_shapes", *vild, *SHRUNK_RUN], clone)
     assert TABLE.search(out), out[-4000:]
     assert f"region store {store.group(1)} is complete; reusing it" in out
-    _, run = only_run(clone / "work" / "mlflow.db", "vild-shapes-")
-    assert run.data.params["method.name"] == "vild" and "train/loss_distill" in run.data.metrics
+    run_id = re.search(r"MLflow: \S+ experiment 'shapes' run (\w+)", out).group(1)
+    run = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}").get_run(run_id)
+    assert run.info.run_name.startswith("vild-shapes-") and run.data.params["method.name"] == "vild"
+    assert "train/loss_distill" in run.data.metrics
 
 
 def test_bench_extract_from_a_fresh_clone(clone):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,31 @@ def test_a_job_starts_its_own_ray_unless_told_where_one_is(monkeypatch):
     monkeypatch.setenv(ADDRESS_ENV, "10.0.0.5:6379")  # what `ray job submit` sets for its entrypoint
     assert init_address(None) == "10.0.0.5:6379"
     assert init_address("ray://head:10001") == "ray://head:10001"
+
+
+WORKER_ADDRESS_SCRIPT = """
+import os, ray
+from ovdlab.platform.cluster import init_ray
+
+init_ray(None, num_cpus=1, include_dashboard=False)
+
+@ray.remote(num_cpus=0.1)
+def address_seen_by_a_worker():
+    return os.environ.get("RAY_ADDRESS")
+
+print("GCS", ray.get_runtime_context().gcs_address)
+print("WORKER", ray.get(address_seen_by_a_worker.remote()))
+print("DRIVER_PORT_ENV", os.environ.get("RAY_GCS_SERVER_PORT"))
+ray.shutdown()
+"""
+
+
+def test_workers_of_a_local_ray_know_its_address(tmp_path):
+    """With several Ray instances on a machine, Train V2's placement-group cleaner (a worker)
+    resolved the wrong cluster, took the controller for dead and killed a running training."""
+    out = subprocess.run([sys.executable, "-c", WORKER_ADDRESS_SCRIPT], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300, env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["WORKER"] == lines["GCS"]
+    assert lines["DRIVER_PORT_ENV"] == "None"  # not left behind for later subprocesses
