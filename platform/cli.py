@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="detect an arbitrary vocabulary in an image with a trained checkpoint")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint folder written by training, or its model.pt")
-    source.add_argument("--run", help="MLflow run id of a training run (its best checkpoint)")
+    source.add_argument("--run", help="MLflow run id of a training run (its final checkpoint)")
     p.add_argument("--image", required=True)
     p.add_argument("--vocab", required=True, help="comma-separated class names, e.g. 'red circle,purple star'")
     p.add_argument("--out", required=True, help="folder for detections.json and detections.png")

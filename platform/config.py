@@ -394,7 +394,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return resolve_paths(build_config(apply_overrides(raw, list(overrides or []))))
 
 
-def _absolute(path: str | None, base: Path) -> str | None:
+def absolute_path(path: str | None, base: Path) -> str | None:
     """``path`` with ``~`` expanded, made absolute against ``base`` (None stays None)."""
     if path is None:
         return None
@@ -411,21 +411,21 @@ def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentC
     from ovdlab.platform.tracking.uri import absolute_tracking_uri
 
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    work_dir = Path(_absolute(cfg.work_dir, cwd))
+    work_dir = Path(absolute_path(cfg.work_dir, cwd))
     uri = cfg.tracking.uri
-    root = Path(_absolute(cfg.dataset.root, work_dir))
+    root = Path(absolute_path(cfg.dataset.root, work_dir))
     ds = cfg.dataset
     dataset = ds.model_copy(update={
         "root": str(root),
-        **{field: _absolute(getattr(ds, field), root) for field in ("train_json", "val_json", "train_images", "val_images")},
+        **{field: absolute_path(getattr(ds, field), root) for field in ("train_json", "val_json", "train_images", "val_images")},
     })
     return cfg.model_copy(update={
         "work_dir": str(work_dir),
         "dataset": dataset,
-        "teacher": cfg.teacher.model_copy(update={"weights": _absolute(cfg.teacher.weights, cwd)}),
+        "teacher": cfg.teacher.model_copy(update={"weights": absolute_path(cfg.teacher.weights, cwd)}),
         "proposals": cfg.proposals.model_copy(update={
-            "file": _absolute(cfg.proposals.file, cwd), "checkpoint": _absolute(cfg.proposals.checkpoint, cwd)}),
-        "model": cfg.model.model_copy(update={"backbone_weights": _absolute(cfg.model.backbone_weights, cwd)}),
+            "file": absolute_path(cfg.proposals.file, cwd), "checkpoint": absolute_path(cfg.proposals.checkpoint, cwd)}),
+        "model": cfg.model.model_copy(update={"backbone_weights": absolute_path(cfg.model.backbone_weights, cwd)}),
         "tracking": cfg.tracking.model_copy(update={"uri": uri and absolute_tracking_uri(uri, cwd)}),
     })
 

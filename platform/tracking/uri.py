@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ovdlab.platform.config import TrackingConfig
+from ovdlab.platform.config import TrackingConfig, absolute_path
 
 TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 DB_FILE = "mlflow.db"
@@ -71,8 +71,7 @@ def absolute_tracking_uri(uri: str, base: Path) -> str:
     path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else uri
     if path in {"", ":memory:"}:
         return uri
-    full = Path(path).expanduser()
-    return f"sqlite:///{full if full.is_absolute() else (Path(base) / full).resolve()}"
+    return f"sqlite:///{absolute_path(path, Path(base))}"
 
 
 def _tracking_uri_problem(uri: str) -> str | None:
