@@ -34,9 +34,10 @@ from pathlib import Path
 from ovdlab.methods.registry import available_methods
 from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import ExperimentConfig, load_config
-from ovdlab.platform.data.catalog import ensure_dataset
-from ovdlab.platform.evaluation.tables import format_comparison, format_split_table
+from ovdlab.platform.data.catalog import ensure_dataset, load_dataset
+from ovdlab.platform.evaluation.tables import format_comparison, summary_line
 from ovdlab.platform.pipelines.extract import teacher_checkpoint
+from ovdlab.platform.predict import Predictor, showcase
 from ovdlab.platform.train.trainer import TrainResult, train
 
 ORACLE = "oracle"
@@ -48,6 +49,8 @@ COLUMNS = {
     "ap50_all": "AP50 all",
     "train_minutes": "train min",
 }
+PICTURE_FROM = ("vild", "vild-text")
+"""The run whose detections the demo draws: the first of these that ran (last seed)."""
 PROPOSALS_FROM = "vild-text"
 """The run whose final RPN gives the distillation proposals of a method with ``proposals.source: rpn``."""
 
@@ -94,6 +97,22 @@ def run_config(method: str, seed: int, overrides: list[str], done: dict[tuple[st
     return cfg
 
 
+def draw_showcase(
+    done: dict[tuple[str, int], TrainResult], seed: int, configs: dict[str, ExperimentConfig], out_dir: Path
+) -> Path | None:
+    """The picture of :data:`PICTURE_FROM`'s final checkpoint on a validation image with a held-out concept."""
+    method = next((m for m in PICTURE_FROM if (m, seed) in done), None)
+    if method is None or done[(method, seed)].checkpoint is None:
+        return None
+    predictor = Predictor.from_checkpoint(done[(method, seed)].checkpoint, device="cpu")
+    try:
+        _, png = showcase(predictor, load_dataset(configs[method], "val"), out_dir / method)
+    except LookupError as err:
+        print(f"no detection picture: {err}")
+        return None
+    return png
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -120,7 +139,7 @@ def main(argv: list[str]) -> int:
                 return 1
             done[(method, seed)] = result
             rows[method].append({**result.metrics.as_dict(), "train_minutes": (time.perf_counter() - start) / 60})
-            print(format_split_table(result.metrics).splitlines()[0])
+            print(summary_line(result.metrics))
             print(f"final checkpoint: {result.checkpoint}; MLflow run {result.mlflow_run_id}", flush=True)
 
     table = format_comparison(rows, COLUMNS)
@@ -130,6 +149,9 @@ def main(argv: list[str]) -> int:
     print(f"\nshapes benchmark: {len(args.seeds)} seed(s), mean ± std, last checkpoint of each run (no selection on val)")
     print(table)
     print(f"table: {out}")
+    picture = draw_showcase(done, args.seeds[-1], configs, Path(first.work_dir) / "showcase")
+    if picture is not None:
+        print(f"detections of a validation image with a held-out concept: {picture}")
     print(f"MLflow: {last.tracking_uri}  experiment {last.experiment!r}")
     print(f"  browse: mlflow ui --backend-store-uri {last.tracking_uri}")
     print(f"  predict: ovdlab predict --checkpoint {last.checkpoint} --image IMAGE --vocab 'red circle,purple star' --out OUT")

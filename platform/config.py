@@ -176,6 +176,11 @@ class TrainConfig(Section):
     ``vocabulary``: the classes trained on -- ``base`` (open-vocabulary detection), or
     ``all`` for the oracle ceiling, which needs novel boxes in the training file
     (``dataset.shapes.oracle``).
+
+    ``distill_per_image``: distillation regions per image and step, a fresh random
+    subset of the image's stored regions each time it is drawn (None: all of them).
+    ViLD distills every one of its M precomputed proposals; on CPU each region costs a
+    RoIAlign backward, so a small run samples them instead.
     """
 
     vocabulary: Literal["base", "all"] = "base"
@@ -194,6 +199,7 @@ class TrainConfig(Section):
     checkpoint_period: int = Field(100, ge=1)
     amp: bool = True
     loader_workers: int = Field(0, ge=0)
+    distill_per_image: int | None = Field(None, ge=1)
 
 
 class EvalConfig(Section):

@@ -217,3 +217,30 @@ def save_outputs(
     png_path = out / PICTURE
     draw_detections(array, detections, seen).save(png_path)
     return json_path, png_path
+
+
+def showcase_image(dataset: Any, kind: str = "concept") -> int:
+    """The first image showing a base object and a novel class of ``kind`` (a demo picture).
+
+    The categories must carry ``split`` and, for novel ones, ``novel_kind`` (the shapes
+    world's tags); raises ``LookupError`` when no image shows both.
+    """
+    cats = {int(c["id"]): c for c in dataset.categories}
+    for image_id in dataset.image_ids:
+        tags = [cats[int(a["category_id"])] for a in dataset.annotations(image_id)]
+        has_base = any(c.get("split") == "base" for c in tags)
+        if has_base and any(c.get("novel_kind") == kind for c in tags):
+            return int(image_id)
+    raise LookupError(f"{dataset.ann_json}: no image shows both a base class and a novel {kind!r} class")
+
+
+def showcase(predictor: Predictor, dataset: Any, out_dir: str | Path, kind: str = "concept") -> tuple[Path, Path]:
+    """Detections of :func:`showcase_image` with every class of ``dataset`` in the vocabulary.
+
+    Trained classes are drawn blue, the rest red (:func:`draw_detections`), so the
+    picture shows at a glance whether a held-out concept is found and named.
+    """
+    image_id = showcase_image(dataset, kind)
+    path = dataset.image_path(image_id)
+    vocab = [str(c["name"]) for c in dataset.categories]
+    return save_outputs(predictor.predict(path, vocab), path, out_dir, seen=predictor.train_classes)

@@ -272,7 +272,10 @@ def _train_loader(
         from ovdlab.platform.store.reader import RegionStore
 
         store = RegionStore(store_path)
-    data = DetectionDataset(dataset, class_ids, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size, store=store)
+    data = DetectionDataset(
+        dataset, class_ids, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
+        store=store, max_distill=cfg.train.distill_per_image,
+    )
     if cfg.train.batch_size % session.world_size:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} (the total over workers) is not divisible by "

@@ -89,6 +89,7 @@ def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
                 "problems/eval_skipped_images"} <= set(metrics)
         assert (clone / "work" / "runs" / run.info.run_name / "ovdlab_run.json").is_file()
     assert (clone / "work" / "comparison.md").is_file()
+    assert (clone / "work" / "showcase" / "vild" / "detections.png").is_file() and "held-out concept" in out
 
 
 def test_ovdlab_extract_then_train_from_a_fresh_clone(clone, tiny_overrides):

@@ -171,3 +171,14 @@ def test_evaluation_skips_are_logged_with_how_they_were_scored(tmp_path):
     table = json.loads(Path(client.download_artifacts(run_id, "problems/eval_skipped_images_step30.json", str(tmp_path))).read_text())
     assert table == {"scored_as": EVAL_SKIP_SCORING, "images": out.skipped}
     assert "count as missed" in EVAL_SKIP_SCORING
+
+
+def test_distillation_regions_per_image_reach_the_training_data(tiny_cfg_factory):
+    from ovdlab.platform.data.catalog import ensure_dataset, load_dataset
+    from ovdlab.platform.train.loop import _train_loader
+
+    for cap in (None, 16):
+        cfg = tiny_cfg_factory([] if cap is None else [f"train.distill_per_image={cap}"])
+        ensure_dataset(cfg)
+        loader, _ = _train_loader(cfg, load_dataset(cfg, "train"), [1, 2], None, LocalSession(cfg.work_path("s")))
+        assert loader.dataset.inner.max_distill == cap

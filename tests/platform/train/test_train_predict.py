@@ -10,7 +10,7 @@ from PIL import Image
 
 from ovdlab.platform.cli import main
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
-from ovdlab.platform.predict import MIN_PICTURE_SIDE, Predictor, parse_vocab, save_outputs
+from ovdlab.platform.predict import MIN_PICTURE_SIDE, Predictor, parse_vocab, save_outputs, showcase, showcase_image
 from ovdlab.platform.tracking import tracker_from_config
 from ovdlab.platform.train.evaluate import detect_split, evaluate_checkpoint
 from ovdlab.platform.train.trainer import report_checkpoint, train_in_process
@@ -121,3 +121,16 @@ def test_evaluation_skips_and_names_an_undecodable_image(trained, tmp_path):
     assert [s["image_id"] for s in skipped] == [str(broken_id)] and str(broken) in skipped[0]["error"]
     assert broken_id not in {r["image_id"] for r in results}
     assert {r["image_id"] for r in results} <= set(val.image_ids)
+
+
+def test_showcase_draws_an_image_with_a_base_object_and_a_held_out_concept(trained, tmp_path):
+    cfg, checkpoint, _ = trained
+    val = load_dataset(cfg, "val")
+    image_id = showcase_image(val, "concept")
+    cats = {c["id"]: c for c in val.categories}
+    shown = [cats[a["category_id"]] for a in val.annotations(image_id)]
+    assert any(c["split"] == "base" for c in shown) and any(c.get("novel_kind") == "concept" for c in shown)
+    json_path, png = showcase(Predictor.from_checkpoint(checkpoint, device="cpu"), val, tmp_path)
+    assert png.is_file() and json.loads(json_path.read_text())["image"] == str(val.image_path(image_id))
+    with pytest.raises(LookupError, match="no image shows both"):
+        showcase_image(val, "no-such-kind")
