@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from torchvision.ops import nms
 
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.images import load_image
@@ -42,6 +43,8 @@ PICTURE = "detections.png"
 SEEN_COLOR = (31, 119, 180)
 NEW_COLOR = (214, 39, 40)
 MIN_PICTURE_SIDE = 256
+PICTURE_OVERLAP = 0.5
+"""IoU above which a picture shows only the better-scoring of two boxes (:func:`shown_detections`)."""
 
 
 def parse_vocab(text: str) -> list[str]:
@@ -173,11 +176,27 @@ class Predictor:
         return self.predict_array(load_image(image_path), vocab, score_thresh)
 
 
+def shown_detections(detections: Sequence[dict[str, Any]], overlap: float = PICTURE_OVERLAP) -> list[dict[str, Any]]:
+    """The detections a picture shows: per object only its best-scoring label.
+
+    Evaluation's NMS is per class, so one object keeps a box for every class that scored
+    on it; drawn together, the labels cover each other (and the last drawn, not the
+    best, ends on top). A box overlapping a better-scoring shown box by IoU > ``overlap``
+    is left out of the picture; ``detections.json`` keeps them all.
+    """
+    ranked = sorted(detections, key=lambda d: -float(d["score"]))
+    if not ranked:
+        return []
+    boxes = torch.tensor([d["box"] for d in ranked], dtype=torch.float32)
+    keep = nms(boxes, torch.tensor([float(d["score"]) for d in ranked]), overlap)
+    return [ranked[int(i)] for i in keep]
+
+
 def draw_detections(image: np.ndarray, detections: Sequence[dict[str, Any]], seen: Sequence[str] = ()) -> Image.Image:
-    """The image with labelled boxes; classes in ``seen`` (trained on) blue, new ones red.
+    """The image with labelled boxes (:func:`shown_detections`); classes in ``seen`` (trained on) blue, new ones red.
 
     Images smaller than ``MIN_PICTURE_SIDE`` are enlarged by a whole factor (nearest
-    neighbour) so that the labels stay readable.
+    neighbour) so that the labels stay readable; the best-scoring box is drawn last, on top.
     """
     picture = Image.fromarray(image).convert("RGB")
     factor = max(1, -(-MIN_PICTURE_SIDE // max(picture.size)))
@@ -186,7 +205,7 @@ def draw_detections(image: np.ndarray, detections: Sequence[dict[str, Any]], see
     draw = ImageDraw.Draw(picture)
     font = ImageFont.load_default()
     seen_set = set(seen)
-    for det in detections:
+    for det in reversed(shown_detections(detections)):
         x1, y1, x2, y2 = (float(v) * factor for v in det["box"])
         color = SEEN_COLOR if det["label"] in seen_set else NEW_COLOR
         draw.rectangle([x1, y1, x2, y2], outline=color, width=2)

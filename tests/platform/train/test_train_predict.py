@@ -10,7 +10,15 @@ from PIL import Image
 
 from ovdlab.platform.cli import main
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
-from ovdlab.platform.predict import MIN_PICTURE_SIDE, Predictor, parse_vocab, save_outputs, showcase, showcase_image
+from ovdlab.platform.predict import (
+    MIN_PICTURE_SIDE,
+    Predictor,
+    parse_vocab,
+    save_outputs,
+    showcase,
+    showcase_image,
+    shown_detections,
+)
 from ovdlab.platform.tracking import tracker_from_config
 from ovdlab.platform.train.evaluate import detect_split, evaluate_checkpoint
 from ovdlab.platform.train.trainer import report_checkpoint, train_in_process
@@ -134,3 +142,13 @@ def test_showcase_draws_an_image_with_a_base_object_and_a_held_out_concept(train
     assert png.is_file() and json.loads(json_path.read_text())["image"] == str(val.image_path(image_id))
     with pytest.raises(LookupError, match="no image shows both"):
         showcase_image(val, "no-such-kind")
+
+
+def test_a_picture_shows_each_object_once_with_its_best_label():
+    dets = [
+        {"box": [10, 10, 50, 50], "score": 0.4, "label": "red square"},
+        {"box": [11, 10, 50, 51], "score": 0.8, "label": "red circle"},  # the same object, better
+        {"box": [60, 60, 90, 90], "score": 0.3, "label": "blue star"},
+    ]
+    assert [d["label"] for d in shown_detections(dets)] == ["red circle", "blue star"]
+    assert shown_detections([]) == []
