@@ -25,10 +25,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from torchvision.ops import nms
 
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.images import load_image
+from ovdlab.platform.evaluation.plots import one_label_per_object
 from ovdlab.platform.detector.inference import predict_images
 from ovdlab.platform.detector.model import OVDDetector
 from ovdlab.platform.teacher.loading import Teacher
@@ -43,8 +43,6 @@ PICTURE = "detections.png"
 SEEN_COLOR = (31, 119, 180)
 NEW_COLOR = (214, 39, 40)
 MIN_PICTURE_SIDE = 256
-PICTURE_OVERLAP = 0.5
-"""IoU above which a picture shows only the better-scoring of two boxes (:func:`shown_detections`)."""
 
 
 def parse_vocab(text: str) -> list[str]:
@@ -176,20 +174,10 @@ class Predictor:
         return self.predict_array(load_image(image_path), vocab, score_thresh)
 
 
-def shown_detections(detections: Sequence[dict[str, Any]], overlap: float = PICTURE_OVERLAP) -> list[dict[str, Any]]:
-    """The detections a picture shows: per object only its best-scoring label.
-
-    Evaluation's NMS is per class, so one object keeps a box for every class that scored
-    on it; drawn together, the labels cover each other (and the last drawn, not the
-    best, ends on top). A box overlapping a better-scoring shown box by IoU > ``overlap``
-    is left out of the picture; ``detections.json`` keeps them all.
-    """
-    ranked = sorted(detections, key=lambda d: -float(d["score"]))
-    if not ranked:
-        return []
-    boxes = torch.tensor([d["box"] for d in ranked], dtype=torch.float32)
-    keep = nms(boxes, torch.tensor([float(d["score"]) for d in ranked]), overlap)
-    return [ranked[int(i)] for i in keep]
+def shown_detections(detections: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The detections a picture shows, best first (:func:`one_label_per_object`); ``detections.json`` keeps all."""
+    keep = one_label_per_object([d["box"] for d in detections], [float(d["score"]) for d in detections])
+    return [detections[i] for i in keep]
 
 
 def draw_detections(image: np.ndarray, detections: Sequence[dict[str, Any]], seen: Sequence[str] = ()) -> Image.Image:

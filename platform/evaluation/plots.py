@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
+from torchvision.ops import nms
 
 from ovdlab.platform.evaluation.coco_eval import SplitMetrics
 from ovdlab.platform.evaluation.common import SPLITS, ClassAP
@@ -25,6 +27,8 @@ from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
 Metrics = SplitMetrics | LVISMetrics
 SPLIT_COLORS = {"base": "#1f77b4", "novel": "#d62728"}
 MAX_TICK_LABELS = 80
+PICTURE_OVERLAP = 0.5
+"""IoU above which a picture shows only the better-scoring of two boxes (:func:`one_label_per_object`)."""
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -114,6 +118,19 @@ def _check_image(img: Any, index: int) -> np.ndarray:
     return arr
 
 
+def one_label_per_object(boxes_xyxy: Sequence[Sequence[float]], scores: Sequence[float], overlap: float = PICTURE_OVERLAP) -> list[int]:
+    """Indices of the boxes a picture shows, best first: per object only its best label.
+
+    Evaluation's NMS is per class, so one object keeps a box for every class that scored
+    on it; drawn together the labels cover each other. A box overlapping a better-scoring
+    shown box by IoU > ``overlap`` is left out of the picture (never out of the results).
+    """
+    if len(boxes_xyxy) == 0:
+        return []
+    keep = nms(torch.tensor(boxes_xyxy, dtype=torch.float32).reshape(-1, 4), torch.tensor(scores, dtype=torch.float32), overlap)
+    return [int(i) for i in keep]
+
+
 def detection_grid(
     images: Sequence[np.ndarray],
     detections: Sequence[Sequence[dict[str, Any]]],
@@ -124,7 +141,8 @@ def detection_grid(
     """Images in a grid with their detections, base and novel in different colours.
 
     ``detections[i]`` are image i's boxes as dicts with ``bbox`` (xywh, pixels),
-    ``score``, ``name`` and ``split``; each box is labelled "name score".
+    ``score``, ``name`` and ``split``; each box is labelled "name score". Each object
+    shows its best label (:func:`one_label_per_object`), drawn last, on top.
     """
     if len(images) != len(detections):
         raise ValueError(f"detection_grid got {len(images)} images but {len(detections)} detection lists")
@@ -147,6 +165,9 @@ def detection_grid(
             missing = [k for k in ("bbox", "score", "name", "split") if k not in det]
             if missing:
                 raise ValueError(f"detection {j} of image {i} has no {', '.join(missing)}")
+        xyxy = [[x, y, x + w, y + h] for x, y, w, h in ([float(v) for v in d["bbox"]] for d in dets)]
+        for j in reversed(one_label_per_object(xyxy, [float(d["score"]) for d in dets])):
+            det = dets[j]
             x, y, w, h = (float(v) for v in det["bbox"])
             color = SPLIT_COLORS.get(det["split"], "gray")
             ax.add_patch(Rectangle((x, y), w, h, fill=False, edgecolor=color, linewidth=1.5))

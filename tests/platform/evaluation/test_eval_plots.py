@@ -80,7 +80,8 @@ def test_detection_grid_draws_base_and_novel(tmp_path):
     images = [rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8) for _ in range(3)]
     dets = [
         [{"bbox": [4, 8, 10, 20], "score": 0.9, "name": "k1", "split": "base"},
-         {"bbox": [20, 8, 10, 20], "score": 0.6, "name": "k2", "split": "novel"}],
+         {"bbox": [20, 8, 10, 20], "score": 0.6, "name": "k2", "split": "novel"},
+         {"bbox": [4, 9, 10, 19], "score": 0.5, "name": "k3", "split": "novel"}],  # k1's object, worse label
         [],
         [{"bbox": [30, 10, 12, 12], "score": 0.4, "name": "k4", "split": "novel"}],
     ]
@@ -89,8 +90,9 @@ def test_detection_grid_draws_base_and_novel(tmp_path):
     image_axes = [ax for ax in fig.axes if ax.images]
     assert len(image_axes) == 3
     edge = [to_hex(p.get_edgecolor()) for p in image_axes[0].patches]
-    assert edge == [SPLIT_COLORS["base"], SPLIT_COLORS["novel"]]
-    assert [t.get_text() for t in image_axes[0].texts] == ["k1 0.90", "k2 0.60"]
+    # One label per object, the best drawn last (on top).
+    assert edge == [SPLIT_COLORS["novel"], SPLIT_COLORS["base"]]
+    assert [t.get_text() for t in image_axes[0].texts] == ["k2 0.60", "k1 0.90"]
 
 
 def test_detection_grid_rejects_bad_input():
