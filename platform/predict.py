@@ -27,10 +27,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.data.images import load_image
-from ovdlab.platform.evaluation.plots import one_label_per_object
 from ovdlab.platform.detector.inference import predict_images
 from ovdlab.platform.detector.model import OVDDetector
+from ovdlab.platform.evaluation.plots import one_label_per_object
 from ovdlab.platform.teacher.loading import Teacher
 from ovdlab.platform.train.checkpoint import CONFIG_FILE, MODEL_FILE, load_model_checkpoint
 
@@ -226,7 +227,7 @@ def save_outputs(
     return json_path, png_path
 
 
-def showcase_image(dataset: Any, kind: str = "concept") -> int:
+def showcase_image(dataset: OVDDataset, kind: str = "concept") -> int:
     """The first image showing a base object and a novel class of ``kind`` (a demo picture).
 
     The categories must carry ``split`` and, for novel ones, ``novel_kind`` (the shapes
@@ -241,7 +242,7 @@ def showcase_image(dataset: Any, kind: str = "concept") -> int:
     raise LookupError(f"{dataset.ann_json}: no image shows both a base class and a novel {kind!r} class")
 
 
-def showcase(predictor: Predictor, dataset: Any, out_dir: str | Path, kind: str = "concept") -> tuple[Path, Path]:
+def showcase(predictor: Predictor, dataset: OVDDataset, out_dir: str | Path, kind: str = "concept") -> tuple[Path, Path]:
     """Detections of :func:`showcase_image` with every class of ``dataset`` in the vocabulary.
 
     Trained classes are drawn blue, the rest red (:func:`draw_detections`), so the
