@@ -12,8 +12,9 @@ absolute (:func:`resolve_paths`): Ray Train runs each worker in its own folder, 
 relative path would mean something else there. A relative ``work_dir`` is taken against
 the driver's current directory, a relative ``dataset.root`` against ``work_dir``, the
 dataset files against ``dataset.root``, and every other path (teacher weights, proposal
-files and checkpoints, backbone weights, a tracking database) against the current
-directory (docs/architecture.md, "Paths").
+files and checkpoints, backbone weights, a training phase's ``train.init_from``
+checkpoint, a tracking database) against the current directory (docs/architecture.md,
+"Paths").
 """
 
 from __future__ import annotations
@@ -181,6 +182,21 @@ class TrainConfig(Section):
     subset of the image's stored regions each time it is drawn (None: all of them).
     ViLD distills every one of its M precomputed proposals; on CPU each region costs a
     RoIAlign backward, so a small run samples them instead.
+
+    ``init_from``: a checkpoint (a training checkpoint folder or its ``model.pt``) whose
+    model weights start this phase, so that a multi-phase method (CLIFF's phases,
+    LP-OVOD's probe) continues from an earlier phase's detector. Only the weights: step,
+    optimizer and LR schedule start fresh, since the phase has its own schedule. A
+    phase that resumes from its own checkpoint ignores it (the interrupted phase's
+    weights are the later ones). A relative path is taken against the current directory.
+
+    ``freeze``: parts that do not train in this phase (a probe trains a head on fixed
+    features). Short names ``backbone`` (ResNet body + FPN), ``rpn``, ``box_head`` (the
+    RoI box head's shared layers), ``box_predictor`` (class-agnostic box regression);
+    any other entry is a parameter-name prefix (``roi_heads.method_head.projection``).
+    An entry matching no parameter is an error. Frozen parameters leave the optimizer and
+    their BatchNorm statistics stop updating (``ovdlab.platform.train.freezing``);
+    ``model.trainable_layers`` still freezes the lower ResNet layers as before.
     """
 
     vocabulary: Literal["base", "all"] = "base"
@@ -200,6 +216,8 @@ class TrainConfig(Section):
     amp: bool = True
     loader_workers: int = Field(0, ge=0)
     distill_per_image: int | None = Field(None, ge=1)
+    init_from: str | None = None
+    freeze: list[str] = Field(default_factory=list)
 
 
 class EvalConfig(Section):
@@ -432,6 +450,7 @@ def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentC
         "proposals": cfg.proposals.model_copy(update={
             "file": absolute_path(cfg.proposals.file, cwd), "checkpoint": absolute_path(cfg.proposals.checkpoint, cwd)}),
         "model": cfg.model.model_copy(update={"backbone_weights": absolute_path(cfg.model.backbone_weights, cwd)}),
+        "train": cfg.train.model_copy(update={"init_from": absolute_path(cfg.train.init_from, cwd)}),
         "tracking": cfg.tracking.model_copy(update={"uri": uri and absolute_tracking_uri(uri, cwd)}),
     })
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from ovdlab.platform.config import ExperimentConfig, build_config, dump_yaml
 
@@ -158,6 +159,31 @@ def load_model_checkpoint(path: str | Path, cfg: ExperimentConfig | None = None)
         raw = yaml.safe_load(_require(directory / CONFIG_FILE, "checkpoint config").read_text())
         cfg = build_config(raw)
     return ModelCheckpoint(path=directory, cfg=cfg, state_dict=state_dict, meta=dict(meta))
+
+
+def load_init_weights(model: nn.Module, path: str | Path, cfg: ExperimentConfig) -> ModelCheckpoint:
+    """Load the model weights of ``train.init_from`` (a checkpoint folder or a weights file).
+
+    Only the weights: the new phase starts its step, optimizer and schedule afresh. The
+    state dict must fit ``model`` exactly; a phase whose model differs (another head,
+    another width) fails here, naming the keys, rather than training half-initialised.
+    """
+    ckpt = load_model_checkpoint(resolve_checkpoint(path, what="train.init_from"), cfg=cfg)
+    own = model.state_dict()
+    missing = [k for k in own if k not in ckpt.state_dict]
+    unexpected = [k for k in ckpt.state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}"
+        for k, v in ckpt.state_dict.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"train.init_from={path}: its weights do not fit this phase's model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, shapes (checkpoint != model) {shapes[:5]}"
+        )
+    model.load_state_dict(ckpt.state_dict)
+    return ckpt
 
 
 def load_trainer_state(directory: str | Path) -> dict[str, Any]:

@@ -21,6 +21,14 @@ the evaluation split would leak them into it). A restarted worker group (Ray's
 ``FailureConfig`` retries) or a rerun of the same run name finds the latest
 checkpoint in ``ray.train.get_checkpoint()`` and continues from its step.
 
+A run is one training phase of a method. It may start from the model weights of an
+earlier phase's checkpoint (``train.init_from``; only when it has no checkpoint of its
+own to resume) and freeze named parts (``train.freeze``,
+:mod:`~ovdlab.platform.train.freezing`). The order matters: model -> resumed or initial
+weights -> freezing -> DDP wrap and optimizer, which both see only the parameters that
+still train; the frozen parts' BatchNorm layers are put back in eval mode after every
+switch to training mode.
+
 Losses of every step go to MLflow from rank 0 only, batched every ``LOG_PERIOD``
 steps, into the job's single run (the tracker handed over by the driver already has
 it open). At each of those flushes rank 0 prints one progress line (step, loss, steps/s,
@@ -58,11 +66,13 @@ from ovdlab.platform.detector.model import OVDDetector, build_detector
 from ovdlab.platform.progress import format_seconds
 from ovdlab.platform.tracking import Tracker
 from ovdlab.platform.train.checkpoint import (
+    load_init_weights,
     load_model_checkpoint,
     load_trainer_state,
     save_checkpoint,
 )
 from ovdlab.platform.train.evaluate import EvalOutput, evaluate_model
+from ovdlab.platform.train.freezing import freeze, set_train_mode
 from ovdlab.platform.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -329,8 +339,26 @@ def _unwrap(model: nn.Module) -> OVDDetector:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model  # type: ignore[return-value]
 
 
+def load_start_state(raw: OVDDetector, cfg: ExperimentConfig, session: Session) -> dict[str, Any] | None:
+    """Load the weights this phase starts from; returns the trainer state to resume, or None.
+
+    The phase's own latest checkpoint wins (an interrupted phase continues with its
+    weights, optimizer, schedule and step); only a phase starting afresh takes the
+    model weights of ``train.init_from``, with step 0 and a new optimizer and schedule.
+    """
+    with session.checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
+            raw.load_state_dict(load_model_checkpoint(ckpt_dir, cfg=cfg).state_dict)
+            return load_trainer_state(ckpt_dir)
+    if cfg.train.init_from is not None:
+        load_init_weights(raw, cfg.train.init_from, cfg)
+        log.info("rank %d starts from the weights of %s", session.rank, cfg.train.init_from)
+    return None
+
+
 def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
-    """Train from the latest checkpoint (or scratch) to ``train.max_iter`` (see module doc)."""
+    """Train from the latest checkpoint (or ``train.init_from``, or scratch) to ``train.max_iter``
+    (see module doc)."""
     cfg = build_config(args.cfg)
     tcfg = cfg.train
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
@@ -352,11 +380,8 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
         "teacher_checkpoint": str(banks.get("teacher_checkpoint", "")),
     }
 
-    trainer_state: dict[str, Any] | None = None
-    with session.checkpoint() as ckpt_dir:
-        if ckpt_dir is not None:
-            raw.load_state_dict(load_model_checkpoint(ckpt_dir, cfg=cfg).state_dict)
-            trainer_state = load_trainer_state(ckpt_dir)
+    trainer_state = load_start_state(raw, cfg, session)
+    frozen_norms = freeze(raw, tcfg.freeze)
     raw.to(device)
     model = session.prepare_model(raw)
     optimizer = build_optimizer(raw, tcfg)
@@ -384,7 +409,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     batches = _batches(loader, sampler, epoch=start // max(1, len(loader)))
     params = [p for p in raw.parameters() if p.requires_grad]
     pending: list[tuple[int, dict[str, torch.Tensor]]] = []
-    model.train()
+    set_train_mode(model, frozen_norms)
     progress = _Progress(rank0, start, end, tcfg.max_iter)
     for step in range(start, end):
         t0 = time.perf_counter()
@@ -429,6 +454,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
                 progress.say(f"step {done}: evaluating {len(val_set)} {val_set.ann_json.name} images with all classes")
                 t_eval = time.perf_counter()
                 out = evaluate_model(cfg, _unwrap(model), val_set, eval_text, progress=False)
+                set_train_mode(model, frozen_norms)
                 results = out.results
                 metrics.update(out.metrics.as_dict())
                 metrics["eval_skipped_images"] = len(out.skipped)

@@ -60,6 +60,10 @@ def lr_multiplier(train: TrainConfig) -> Callable[[int], float]:
 def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
     """SGD (momentum) or AdamW over the trainable parameters.
 
+    Parameters with ``requires_grad=False`` (``model.trainable_layers``, ``train.freeze``:
+    frozen before this is called) are left out, as detectron2's ``solver/build.py``
+    builds its parameter groups: they get no update, no weight decay, no optimizer state.
+
     One-dimensional parameters (biases, normalization scales, a learned background
     embedding or temperature) take no weight decay, the rest ``weight_decay``: the rule
     of timm's ``param_groups_weight_decay``; decaying a temperature or a bias towards
@@ -71,7 +75,10 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.O
             continue
         (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
+        raise ValueError(
+            "the model has no trainable parameters: train.freeze and model.trainable_layers leave nothing "
+            f"to train (train.freeze={train.freeze})"
+        )
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -88,13 +88,15 @@ class TrainResult:
 
 @dataclass
 class Prepared:
-    """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them."""
+    """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them;
+    ``init_from``: the checkpoint the phase starts from (``train.init_from``), or None."""
 
     text_path: Path
     store_path: Path | None
     train_classes: list[str]
     eval_classes: list[str]
     datasets: dict[str, OVDDataset]
+    init_from: Path | None = None
 
 
 def run_name_for(cfg: ExperimentConfig) -> str:
@@ -164,7 +166,8 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
 
         store_path = run_extraction(cfg, "train").store
     datasets = {"train": train_set, "val": val_set}
-    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets)
+    init_from = Path(cfg.train.init_from) if cfg.train.init_from is not None else None
+    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets, init_from)
 
 
 def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
@@ -199,6 +202,8 @@ def check_worker_inputs(prepared: Prepared) -> None:
         needed[f"{split} images"] = dataset.image_dir
     if prepared.store_path is not None:
         needed["region store manifest"] = prepared.store_path / "manifest.json"
+    if prepared.init_from is not None:
+        needed["train.init_from checkpoint"] = prepared.init_from
     relative = [f"{what}: {path}" for what, path in needed.items() if not Path(path).is_absolute()]
     if relative:
         raise ValueError("training inputs must be absolute paths (load the config with load_config): " + "; ".join(relative))
