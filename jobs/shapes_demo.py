@@ -1,7 +1,8 @@
 """The shapes benchmark as a method comparison: every implemented method, the oracle, several seeds.
 
-The README's main job, CPU-sized. The first run draws the shapes world and pretrains
-the ``shapes-tiny`` CLIP teacher once; every method then trains through Ray Train on the
+The README's main job, CPU-sized. The first run draws the shapes world, pretrains
+the ``shapes-tiny`` CLIP teacher and the detectors' backbone (on base-class crops, the
+world's ImageNet) once; every method then trains through Ray Train on the
 same world, teacher and text banks, is evaluated with every class in the vocabulary and
 logged as its own MLflow run; the job prints one table of mean ± std over the seeds:
 
@@ -35,6 +36,7 @@ from ovdlab.methods.registry import available_methods
 from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.data.catalog import ensure_dataset, load_dataset
+from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
 from ovdlab.platform.evaluation.tables import format_comparison, summary_line
 from ovdlab.platform.pipelines.extract import teacher_checkpoint
 from ovdlab.platform.predict import Predictor, showcase
@@ -124,6 +126,7 @@ def main(argv: list[str]) -> int:
     first = configs[methods[0]]
     print(f"shapes world: {ensure_dataset(first)}")
     print(f"teacher: {teacher_checkpoint(first) or f'{first.teacher.model} (pretrained={first.teacher.pretrained})'}")
+    print(f"backbone: {resolve_backbone_weights(first).model.backbone_weights or 'trained from scratch'}")
     print(f"runs: {', '.join(methods)} x seeds {args.seeds}; outputs under {first.work_dir}", flush=True)
 
     done: dict[tuple[str, int], TrainResult] = {}

@@ -123,8 +123,17 @@ class StoreConfig(Section):
     rows_per_part: int = Field(512, ge=1)
 
 
+BASE_CROP_BACKBONE = "base-crops"
+"""``model.backbone_weights`` value: a backbone pretrained once on the shapes world's
+base-class crops (``ovdlab.platform.detector.backbone_pretraining``), not a file."""
+
+
 class ModelConfig(Section):
-    """Two-stage detector built from torchvision parts."""
+    """Two-stage detector built from torchvision parts.
+
+    ``backbone_weights``: a ResNet state dict file (ImageNet weights for COCO/LVIS), or
+    ``base-crops`` on shapes; None trains the backbone from scratch.
+    """
 
     backbone: Literal["resnet18", "resnet50"] = "resnet18"
     neck: Literal["fpn", "c4"] = "fpn"
@@ -426,6 +435,10 @@ def absolute_path(path: str | None, base: Path) -> str | None:
     return str(full if full.is_absolute() else (base / full).resolve())
 
 
+def _weights_path(weights: str | None, base: Path) -> str | None:
+    return weights if weights == BASE_CROP_BACKBONE else absolute_path(weights, base)
+
+
 def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentConfig:
     """A copy of ``cfg`` with every path absolute (see the module doc for the bases).
 
@@ -449,7 +462,7 @@ def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentC
         "teacher": cfg.teacher.model_copy(update={"weights": absolute_path(cfg.teacher.weights, cwd)}),
         "proposals": cfg.proposals.model_copy(update={
             "file": absolute_path(cfg.proposals.file, cwd), "checkpoint": absolute_path(cfg.proposals.checkpoint, cwd)}),
-        "model": cfg.model.model_copy(update={"backbone_weights": absolute_path(cfg.model.backbone_weights, cwd)}),
+        "model": cfg.model.model_copy(update={"backbone_weights": _weights_path(cfg.model.backbone_weights, cwd)}),
         "train": cfg.train.model_copy(update={"init_from": absolute_path(cfg.train.init_from, cwd)}),
         "tracking": cfg.tracking.model_copy(update={"uri": uri and absolute_tracking_uri(uri, cwd)}),
     })

@@ -4,6 +4,9 @@
   (``fasterrcnn_resnet50_fpn``): ``FrozenBatchNorm2d`` when the backbone starts from
   weights (``ModelConfig.backbone_weights``), plain ``BatchNorm2d`` when it trains from
   scratch (frozen identity statistics would leave a random ResNet unnormalized).
+- ``backbone_weights: base-crops`` (shapes): a ResNet pretrained once on the world's
+  base-class crops (:mod:`~ovdlab.platform.detector.backbone_pretraining`), resolved to
+  its cached file on the driver, then loaded like ImageNet weights.
 - ``trainable_layers`` counts from the top, as torchvision's ``_resnet_fpn_extractor``:
   ``layer4, layer3, layer2, layer1, conv1`` (5 also trains ``bn1``); the rest is frozen.
   With C4, ``layer4`` is the RoI box head (res5) and the same count applies to it, so
@@ -26,7 +29,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from ovdlab.platform.config import ModelConfig
+from ovdlab.platform.config import BASE_CROP_BACKBONE, ModelConfig
 
 _RESNETS = {"resnet18": resnet18, "resnet50": resnet50}
 _LAYERS_TOP_DOWN = ["layer4", "layer3", "layer2", "layer1", "conv1"]
@@ -77,6 +80,11 @@ class Res5BoxHead(nn.Module):
 
 
 def _load_weights(net: nn.Module, path: str) -> None:
+    if path == BASE_CROP_BACKBONE:
+        raise ValueError(
+            f"model.backbone_weights={BASE_CROP_BACKBONE} names a pretraining, not a file: the driver "
+            "replaces it with the cached file before the model is built (resolve_backbone_weights)"
+        )
     file = Path(path).expanduser()
     if not file.is_file():
         raise FileNotFoundError(f"backbone weights not found: {file}")

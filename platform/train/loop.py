@@ -62,6 +62,7 @@ from ovdlab.platform.config import ExperimentConfig, build_config
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
 from ovdlab.platform.data.images import ImageDecodeError
 from ovdlab.platform.detector.data import DetectionDataset, collate_fn, targets_to
+from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
 from ovdlab.platform.detector.model import OVDDetector, build_detector
 from ovdlab.platform.progress import format_seconds
 from ovdlab.platform.tracking import Tracker
@@ -270,8 +271,12 @@ def load_text_banks(path: str | Path) -> dict[str, dict[str, Any]]:
 
 
 def build_model(cfg: ExperimentConfig, embed_dim: int) -> OVDDetector:
-    """The detector with the configured method's head (vocabulary not yet set)."""
-    return build_detector(cfg.model, build_method(cfg.method), embed_dim)
+    """The detector with the configured method's head (vocabulary not yet set).
+
+    ``model.backbone_weights: base-crops`` becomes its cached file here too (the driver
+    normally resolved it already), so a config loaded by hand builds the same model.
+    """
+    return build_detector(resolve_backbone_weights(cfg).model, build_method(cfg.method), embed_dim)
 
 
 def _train_loader(

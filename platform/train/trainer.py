@@ -48,6 +48,7 @@ from ovdlab.platform.cluster import ensure_ray
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
 from ovdlab.platform.data.images import load_image
+from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
 from ovdlab.platform.evaluation import evaluate
 from ovdlab.platform.evaluation.coco_eval import SplitMetrics
 from ovdlab.platform.evaluation.lvis_eval import LVISMetrics
@@ -89,8 +90,11 @@ class TrainResult:
 @dataclass
 class Prepared:
     """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them;
-    ``init_from``: the checkpoint the phase starts from (``train.init_from``), or None."""
+    ``init_from``: the checkpoint the phase starts from (``train.init_from``), or None;
+    ``cfg``: the config the workers get (``model.backbone_weights: base-crops`` resolved
+    to its file)."""
 
+    cfg: ExperimentConfig
     text_path: Path
     store_path: Path | None
     train_classes: list[str]
@@ -145,6 +149,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
     from ovdlab.methods.registry import build_method
 
     ensure_dataset(cfg)
+    cfg = resolve_backbone_weights(cfg)
     train_set, val_set = load_dataset(cfg, "train"), load_dataset(cfg, "val")
     train_ids = training_classes(cfg, train_set)
     teacher, teacher_file = load_training_teacher(cfg)
@@ -167,7 +172,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
         store_path = run_extraction(cfg, "train").store
     datasets = {"train": train_set, "val": val_set}
     init_from = Path(cfg.train.init_from) if cfg.train.init_from is not None else None
-    return Prepared(text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets, init_from)
+    return Prepared(cfg, text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets, init_from)
 
 
 def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
@@ -324,11 +329,11 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
     tags = {"run_name": name, "kind": "train"}
     with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:
         _write_run_info(run_dir, cfg, tracker, run_id)
-        tracker.log_config(cfg)
+        tracker.log_config(prepared.cfg)
         log_dataset_problems(tracker, prepared.datasets)
         log.info("training %s: checkpoints under %s, MLflow run %s in %s", name, run_dir, run_id, tracker.uri)
         args = LoopArgs(
-            cfg=cfg.model_dump(mode="json"),
+            cfg=prepared.cfg.model_dump(mode="json"),
             text_path=str(prepared.text_path),
             store_path=str(prepared.store_path) if prepared.store_path else None,
             tracker=tracker,
@@ -364,7 +369,7 @@ def train_in_process(cfg: ExperimentConfig, storage: Path, tracker: Tracker | No
     storage = Path(storage)
     prepared = prepare_training(cfg, storage)
     args = LoopArgs(
-        cfg=cfg.model_dump(mode="json"),
+        cfg=prepared.cfg.model_dump(mode="json"),
         text_path=str(prepared.text_path),
         store_path=str(prepared.store_path) if prepared.store_path else None,
         tracker=tracker,

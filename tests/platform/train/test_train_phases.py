@@ -61,9 +61,15 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, make_tiny_cfg) -> World:
+    # A backbone trained from scratch, every layer trainable: its BatchNorm layers track
+    # running statistics (pretrained weights come with FrozenBatchNorm2d), which the
+    # freeze must hold too, and nothing is frozen before train.freeze acts.
+    def make(work_dir: Path, overrides: list[str] | None = None) -> ExperimentConfig:
+        return make_tiny_cfg(work_dir, ["model.backbone_weights=null", "model.trainable_layers=5", *(overrides or [])])
+
     work = tmp_path_factory.mktemp("phases") / "work"
-    prepared = prepare_training(make_tiny_cfg(work), work / "banks")
-    return World(work, prepared, make_tiny_cfg)
+    prepared = prepare_training(make(work), work / "banks")
+    return World(work, prepared, make)
 
 
 @pytest.fixture(scope="module")

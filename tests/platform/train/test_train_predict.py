@@ -10,6 +10,7 @@ from PIL import Image
 
 from ovdlab.platform.cli import main
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
+from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
 from ovdlab.platform.predict import (
     MIN_PICTURE_SIDE,
     Predictor,
@@ -40,7 +41,7 @@ def trained(make_tiny_cfg, tmp_path_factory):
 def test_predict_api_on_an_arbitrary_vocabulary(trained, tmp_path):
     cfg, checkpoint, image = trained
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    assert predictor.cfg.model == cfg.model
+    assert predictor.cfg.model == resolve_backbone_weights(cfg).model  # the run's config: base-crops as its file
     assert predictor.teacher.digest == predictor.meta["teacher_digest"]  # the teacher used in training
     dets = predictor.predict(image, VOCAB, score_thresh=0.0)
     assert dets, "a zero threshold keeps the detector's top boxes"
