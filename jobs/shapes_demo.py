@@ -3,8 +3,10 @@
 The README's main job, CPU-sized. The first run draws the shapes world, pretrains
 the ``shapes-tiny`` CLIP teacher and the detectors' backbone (on base-class crops, the
 world's ImageNet) once; every method then trains through Ray Train on the
-same world, teacher and text banks, is evaluated with every class in the vocabulary and
-logged as its own MLflow run; the job prints one table of mean ± std over the seeds:
+same world, teacher and text banks as its recipe (``Method.recipe``, run by
+``ovdlab.platform.recipes.runner``: finished stages are reused, an interrupted one
+resumes), is evaluated with every class in the vocabulary and logged as an MLflow job
+run with a child run per stage; the job prints one table of mean ± std over the seeds:
 
     python jobs/shapes_demo.py                                    # every method + oracle, seeds 0,1,2
     python jobs/shapes_demo.py --methods vild-text --seeds 0      # one run
@@ -13,8 +15,9 @@ logged as its own MLflow run; the job prints one table of mean ± std over the s
 
 Rows (configs/experiments/<method>_shapes.yaml):
 - ``vild-text``: region embeddings against frozen text embeddings of the base classes;
-- ``vild``: plus L1 distillation of the teacher's crop embeddings of RPN proposals, taken
-  from the ViLD-text run of the same seed (its RPN never saw a novel box);
+- ``vild``: plus L1 distillation of the teacher's crop embeddings of RPN proposals; its
+  recipe's first stage, the proposal detector, is the ViLD-text training of the same
+  seed (its RPN never saw a novel box), which the recipe runner reuses;
 - ``oracle``: ViLD-text trained with the novel boxes too -- the ceiling, not a method.
 
 Columns: AP50 of the held-out concept (``novel_concept``: stars, a shape no base box
@@ -37,10 +40,10 @@ from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import ExperimentConfig, load_config
 from ovdlab.platform.data.catalog import ensure_dataset, load_dataset
 from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
-from ovdlab.platform.evaluation.tables import format_comparison, summary_line
+from ovdlab.platform.evaluation.tables import format_comparison
 from ovdlab.platform.pipelines.extract import teacher_checkpoint
 from ovdlab.platform.predict import Predictor, showcase
-from ovdlab.platform.train.trainer import TrainResult, train
+from ovdlab.platform.recipes.runner import RecipeResult, run_recipe
 
 ORACLE = "oracle"
 COLUMNS = {
@@ -53,8 +56,6 @@ COLUMNS = {
 }
 PICTURE_FROM = ("vild", "vild-text")
 """The run whose detections the demo draws: the first of these that ran (last seed)."""
-PROPOSALS_FROM = "vild-text"
-"""The run whose final RPN gives the distillation proposals of a method with ``proposals.source: rpn``."""
 
 
 def experiment(method: str) -> str:
@@ -84,27 +85,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def _ordered(methods: list[str]) -> list[str]:
-    """The proposal source first (others read its checkpoint), the oracle last."""
-    return sorted(methods, key=lambda m: (m != PROPOSALS_FROM, m == ORACLE, m))
-
-
-def run_config(method: str, seed: int, overrides: list[str], done: dict[tuple[str, int], TrainResult]) -> ExperimentConfig:
-    """The run's config; a method distilling RPN proposals gets the ViLD-text run's checkpoint of its seed."""
-    cfg = load_config(experiment(method), [*overrides, f"seed={seed}"])
-    if cfg.proposals.source == "rpn" and cfg.proposals.checkpoint is None:
-        source = done.get((PROPOSALS_FROM, seed))
-        if source is None or source.checkpoint is None:
-            raise ValueError(f"{method} distills RPN proposals of the {PROPOSALS_FROM} run: add {PROPOSALS_FROM} to --methods")
-        cfg = load_config(experiment(method), [*overrides, f"seed={seed}", f"proposals.checkpoint={source.checkpoint}"])
-    return cfg
+    """ViLD-text first (ViLD's recipe reuses its training as its proposal detector, so
+    ViLD's minutes are its own), the oracle last."""
+    return sorted(methods, key=lambda m: (m != "vild-text", m == ORACLE, m))
 
 
 def draw_showcase(
-    done: dict[tuple[str, int], TrainResult], seed: int, configs: dict[str, ExperimentConfig], out_dir: Path
+    done: dict[tuple[str, int], RecipeResult], seed: int, configs: dict[str, ExperimentConfig], out_dir: Path
 ) -> Path | None:
     """The picture of :data:`PICTURE_FROM`'s final checkpoint on a validation image with a held-out concept."""
     method = next((m for m in PICTURE_FROM if (m, seed) in done), None)
-    if method is None or done[(method, seed)].checkpoint is None:
+    if method is None:
         return None
     predictor = Predictor.from_checkpoint(done[(method, seed)].checkpoint, device="cpu")
     try:
@@ -120,30 +111,26 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     methods = _ordered(args.methods)
     configs = {m: load_config(experiment(m), args.overrides) for m in methods}  # every config fails here, before any work
-    needs_source = [m for m, c in configs.items() if c.proposals.source == "rpn" and c.proposals.checkpoint is None]
-    if needs_source and PROPOSALS_FROM not in methods:
-        raise ValueError(f"{', '.join(needs_source)} distill RPN proposals of the {PROPOSALS_FROM} run: add {PROPOSALS_FROM} to --methods")
     first = configs[methods[0]]
     print(f"shapes world: {ensure_dataset(first)}")
     print(f"teacher: {teacher_checkpoint(first) or f'{first.teacher.model} (pretrained={first.teacher.pretrained})'}")
     print(f"backbone: {resolve_backbone_weights(first).model.backbone_weights or 'trained from scratch'}")
     print(f"runs: {', '.join(methods)} x seeds {args.seeds}; outputs under {first.work_dir}", flush=True)
 
-    done: dict[tuple[str, int], TrainResult] = {}
+    done: dict[tuple[str, int], RecipeResult] = {}
     rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
     for seed in args.seeds:
         for method in methods:
-            cfg = run_config(method, seed, args.overrides, done)
             print(f"\n=== {method}, seed {seed} ({len(done) + 1}/{len(methods) * len(args.seeds)}) ===", flush=True)
             start = time.perf_counter()
-            result = train(cfg)
-            if result.metrics is None:
-                print(f"{method} seed {seed} stopped at step {result.step}/{cfg.train.max_iter}; rerun to continue")
-                return 1
+            result = run_recipe(experiment(method), [*args.overrides, f"seed={seed}"])
             done[(method, seed)] = result
-            rows[method].append({**result.metrics.as_dict(), "train_minutes": (time.perf_counter() - start) / 60})
-            print(summary_line(result.metrics))
-            print(f"final checkpoint: {result.checkpoint}; MLflow run {result.mlflow_run_id}", flush=True)
+            rows[method].append({**result.metrics, "train_minutes": (time.perf_counter() - start) / 60})
+            for stage in result.stages:
+                how = "reused" if stage.skipped else f"{stage.seconds / 60:.1f} min"
+                print(f"stage {stage.name} ({stage.kind}): {how} -> {stage.output}")
+            print(" | ".join(f"{label} {result.metrics[k]:.1f}" for k, label in COLUMNS.items() if k in result.metrics))
+            print(f"final checkpoint: {result.checkpoint}; MLflow job run {result.parent_run_id}", flush=True)
 
     table = format_comparison(rows, COLUMNS)
     out = Path(first.work_dir) / "comparison.md"

@@ -15,6 +15,9 @@ Label convention everywhere: ``0`` = background, ``k + 1`` = vocabulary index ``
 logits have ``1 + C`` columns with column 0 the background, scores have ``C``.
 A head output named ``embedding`` (``[R, D]``), when present, is the region embedding
 the detector reports with each detection.
+
+Stages before, between or after training (a proposal detector, retrieval, a probe) are
+the method's recipe (:meth:`Method.recipe`), run by ``ovdlab.platform.recipes.runner``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ovdlab.platform.config import MethodConfig
+from ovdlab.platform.config import ExperimentConfig, MethodConfig
+from ovdlab.platform.recipes.stages import Stage
 
 
 @dataclass
@@ -86,6 +90,11 @@ class Method:
     def scores(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
         """``[R, C]`` per-class probabilities used at inference (no background column)."""
         raise NotImplementedError(f"{type(self).__name__}.scores")
+
+    def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
+        """The method's whole job as stages (:mod:`ovdlab.platform.recipes`): by default one
+        training phase on the experiment's config, evaluated at its end."""
+        return [Stage("train", "train")]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, cfg={self.cfg!r})"

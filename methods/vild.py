@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ovdlab.methods.base import DistillOutputs, Method, anchor_to_graph
+from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.recipes.stages import Stage
 
 
 class ViLDHead(nn.Module):
@@ -93,6 +95,19 @@ class ViLD(ViLDText):
 
     name = "vild"
     distills = True
+
+    def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
+        """RPN proposals come from a detector trained on base boxes only (Sec. 3.4: the
+        M proposals are precomputed by an RPN trained on base categories): first the
+        ViLD-text experiment of the same dataset (the same training as that method's own
+        run, so the runner trains it once), whose final RPN the extraction reads.
+        A config naming its ``proposals.checkpoint`` or another source is one training."""
+        if cfg.proposals.source != "rpn" or cfg.proposals.checkpoint is not None:
+            return super().recipe(cfg)
+        return [
+            Stage("proposal-detector", "train", experiment=f"experiments/vild_text_{cfg.dataset.kind}"),
+            Stage("train", "train", reads={"proposals.checkpoint": "proposal-detector"}),
+        ]
 
     def losses(
         self,

@@ -61,8 +61,8 @@ from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import ExperimentConfig, build_config
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
 from ovdlab.platform.data.images import ImageDecodeError
-from ovdlab.platform.detector.data import DetectionDataset, collate_fn, targets_to
 from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
+from ovdlab.platform.detector.data import DetectionDataset, collate_fn, targets_to
 from ovdlab.platform.detector.model import OVDDetector, build_detector
 from ovdlab.platform.progress import format_seconds
 from ovdlab.platform.tracking import Tracker

@@ -311,11 +311,18 @@ def report_checkpoint(
     return metrics, checkpoint / RESULTS_FILE
 
 
-def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int = DEFAULT_MAX_FAILURES) -> TrainResult:
+def train(
+    cfg: ExperimentConfig,
+    stop_at: int | None = None,
+    max_failures: int = DEFAULT_MAX_FAILURES,
+    parent_run_id: str | None = None,
+) -> TrainResult:
     """Train and evaluate one method through Ray Train (see module doc); resumable by rerunning.
 
     ``stop_at`` ends the fit after that step's checkpoint (the job is then not
     completed and skips the final evaluation); a later call continues the run.
+    ``parent_run_id``: the MLflow run this training's new run is a child of (a recipe's
+    job run); a resumed run keeps the parent it was created with.
     """
     if stop_at is not None and not 0 < stop_at <= cfg.train.max_iter:
         raise ValueError(f"stop_at must lie in 1..train.max_iter={cfg.train.max_iter}, got {stop_at}")
@@ -327,7 +334,7 @@ def train(cfg: ExperimentConfig, stop_at: int | None = None, max_failures: int =
     check_worker_inputs(prepared)
     ensure_ray(cfg)
     tags = {"run_name": name, "kind": "train"}
-    with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id")) as run_id:
+    with tracker.start_run(run_name=name, tags=tags, run_id=info.get("mlflow_run_id"), parent_run_id=parent_run_id) as run_id:
         _write_run_info(run_dir, cfg, tracker, run_id)
         tracker.log_config(prepared.cfg)
         log_dataset_problems(tracker, prepared.datasets)

@@ -63,11 +63,13 @@ def run_as_user(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> st
     return done.stdout
 
 
-def only_run(db: Path, name_prefix: str):
+def only_run(db: Path, name_prefix: str, kind: str = "train"):
+    """The one MLflow run of ``kind`` (``train``, or ``recipe`` for a job's parent run) named so."""
     client = MlflowClient(f"sqlite:///{db}")
     exp = client.get_experiment_by_name("shapes")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = [r for r in client.search_runs([exp.experiment_id]) if r.info.run_name.startswith(name_prefix)]
+    runs = [r for r in client.search_runs([exp.experiment_id])
+            if r.info.run_name.startswith(name_prefix) and r.data.tags.get("kind") == kind]
     assert len(runs) == 1, [r.info.run_name for r in runs]
     return client, runs[0]
 
@@ -88,6 +90,12 @@ def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
         assert {"ap50_novel_concept", "ap50_novel_comp", "ap50_base", "problems/train_annotations_skipped",
                 "problems/eval_skipped_images"} <= set(metrics)
         assert (clone / "work" / "runs" / run.info.run_name / "ovdlab_run.json").is_file()
+        job = client.get_run(run.data.tags["mlflow.parentRunId"])
+        assert job.data.tags["kind"] == "recipe" and job.info.run_name.endswith("-job")
+    # ViLD's job: its proposal detector is the ViLD-text training (reused), then its own.
+    client, vild_job = only_run(clone / "work" / "mlflow.db", "vild-shapes-", kind="recipe")
+    assert vild_job.data.tags["stages"] == "proposal-detector,train" and "stage.proposal-detector" in vild_job.data.tags
+    assert "stage proposal-detector (train): reused" in out
     assert (clone / "work" / "comparison.md").is_file()
     assert (clone / "work" / "showcase" / "vild" / "detections.png").is_file() and "held-out concept" in out
 

@@ -1,0 +1,198 @@
+"""One runner for every method's recipe: skip what exists, resume what was cut, track it all.
+
+:func:`run_recipe` loads the job's experiment config (with the command line's
+overrides), asks the method for its stages (``Method.recipe``) and runs them in order:
+
+- **Content keys.** A stage's key hashes its kind, its function, its config *before*
+  the ``reads`` are bound and the keys of the stages it reads -- so the same stage in two
+  recipes (ViLD's proposal detector is the ViLD-text training of the same seed) has one
+  key and runs once, and a changed input re-runs everything downstream of it.
+- **Skip.** A finished stage leaves a record ``<work_dir>/recipes/stages/<kind>-<key>.json``
+  (output, metrics, MLflow run); a later job with a stage of that key reuses it.
+- **Resume.** A train stage without a record calls :func:`~ovdlab.platform.train.trainer.train`
+  again, which continues its interrupted run from the latest checkpoint.
+- **Tracking.** One MLflow parent run per job (reopened when the same job runs again),
+  a child run per stage that runs here (the training's own run, or the post stage's),
+  the final train stage's metrics copied onto the parent, reused stages named in its tags.
+
+Kinds and ``reads``: :mod:`ovdlab.platform.recipes.stages`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from ovdlab.methods.registry import build_method
+from ovdlab.platform.config import ExperimentConfig, content_key, load_config
+from ovdlab.platform.recipes.stages import Stage, check_recipe
+from ovdlab.platform.tracking import Tracker, tracker_from_config
+from ovdlab.platform.train.trainer import run_name_for, train
+
+log = logging.getLogger(__name__)
+
+RECIPES_DIR = "recipes"
+
+
+@dataclass
+class StageResult:
+    """What a stage left: ``output`` (a checkpoint, a file), its metrics, its MLflow run."""
+
+    name: str
+    kind: str
+    key: str
+    output: str
+    metrics: dict[str, float]
+    mlflow_run_id: str | None
+    seconds: float
+    skipped: bool = False
+
+
+@dataclass
+class RecipeResult:
+    """Every stage's result in order; the job's result is its last train stage."""
+
+    job: str
+    stages: list[StageResult]
+    parent_run_id: str | None
+    tracking_uri: str
+    experiment: str
+
+    @property
+    def final(self) -> StageResult:
+        return [s for s in self.stages if s.kind == "train"][-1]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.final.metrics
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.final.output)
+
+
+def stage_config(stage: Stage, experiment: str, overrides: Sequence[str], outputs: dict[str, str] | None = None) -> ExperimentConfig:
+    """The stage's config: its experiment (the job's by default), the job's overrides, its
+    own, then (when ``outputs`` is given) every ``reads`` key bound to that stage's output."""
+    bound = [f"{key}={outputs[source]}" for key, source in stage.reads.items()] if outputs is not None else []
+    return load_config(stage.experiment or experiment, [*overrides, *stage.overrides, *bound])
+
+
+def stage_key(stage: Stage, unbound: ExperimentConfig, input_keys: dict[str, str]) -> str:
+    """Content key: kind, function, the config before binding, the keys of what it reads."""
+    reads = sorted((key, input_keys[source]) for key, source in stage.reads.items())
+    return content_key("recipe-stage", stage.kind, stage.function, unbound.content_hash(), reads)
+
+
+def _record_path(cfg: ExperimentConfig, stage: Stage, key: str) -> Path:
+    return cfg.work_path(RECIPES_DIR, "stages", f"{stage.kind}-{key}.json")
+
+
+def _read_record(path: Path) -> StageResult | None:
+    """A finished stage's record whose output still exists, else None (the stage runs)."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if not Path(data["output"]).exists():
+        log.warning("recipe record %s names a missing output %s; running the stage again", path, data["output"])
+        return None
+    return StageResult(**{**data, "skipped": True, "seconds": 0.0})
+
+
+def _write_record(path: Path, result: StageResult) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in asdict(result).items() if k != "skipped"}, indent=2))
+    tmp.replace(path)
+
+
+def load_function(target: str) -> Callable[[ExperimentConfig, Path], Path]:
+    """``"package.module:function"`` -> the function (a post stage's)."""
+    module_name, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"post stage function {target!r} cannot be loaded: {err}") from None
+
+
+def _run_train(stage: Stage, key: str, cfg: ExperimentConfig, parent: str | None) -> StageResult:
+    start = time.perf_counter()
+    result = train(cfg, parent_run_id=parent)
+    if result.metrics is None or result.checkpoint is None:
+        raise RuntimeError(f"stage {stage.name!r}: training {result.run_name} stopped at step {result.step}; rerun to continue")
+    return StageResult(stage.name, stage.kind, key, str(result.checkpoint), result.metrics.as_dict(),
+                       result.mlflow_run_id, time.perf_counter() - start)
+
+
+def _run_post(stage: Stage, key: str, cfg: ExperimentConfig, tracker: Tracker, parent: str | None, job: str) -> StageResult:
+    start = time.perf_counter()
+    function = load_function(str(stage.function))
+    out_dir = cfg.work_path(RECIPES_DIR, "outputs", f"{stage.name}-{key}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tags = {"kind": "post", "stage": stage.name, "function": stage.function}
+    with tracker.start_run(run_name=f"{job}/{stage.name}", tags=tags, parent_run_id=parent) as run_id:
+        tracker.log_config(cfg)
+        output = Path(function(cfg, out_dir))
+        tracker.set_tags({"output": str(output)})
+    return StageResult(stage.name, stage.kind, key, str(output), {}, run_id, time.perf_counter() - start)
+
+
+def _parent_run(tracker: Tracker, cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tuple[Path, str | None]:
+    """The record of this job's parent run (same config, same recipe: the same run)."""
+    key = content_key("recipe", cfg.content_hash(), [s.describe() for s in stages])
+    path = cfg.work_path(RECIPES_DIR, f"{job}-{key}.json")
+    run_id = json.loads(path.read_text()).get("mlflow_run_id") if path.is_file() else None
+    return path, run_id
+
+
+def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[Stage] | None = None) -> RecipeResult:
+    """Run the recipe of ``experiment``'s method (or ``stages``) with the job's ``overrides``.
+
+    Every stage's config is loaded (and so checked) before any stage runs.
+    """
+    cfg = load_config(experiment, list(overrides))
+    stages = list(stages) if stages is not None else build_method(cfg.method).recipe(cfg)
+    check_recipe(stages)
+    unbound = {s.name: stage_config(s, experiment, overrides) for s in stages}
+    job = f"{run_name_for(cfg)}-job"
+    tracker = tracker_from_config(cfg)
+    record, parent_id = _parent_run(tracker, cfg, stages, job)
+    results: list[StageResult] = []
+    keys: dict[str, str] = {}
+    outputs: dict[str, str] = {}
+    tags = {"kind": "recipe", "method": cfg.method.name, "seed": cfg.seed, "stages": ",".join(s.name for s in stages)}
+    with tracker.start_run(run_name=job, tags=tags, run_id=parent_id) as parent:
+        if parent is not None:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"mlflow_run_id": parent, "experiment": experiment, "overrides": list(overrides)}))
+            tracker.log_config(cfg)
+        for stage in stages:
+            key = keys[stage.name] = stage_key(stage, unbound[stage.name], keys)
+            path = _record_path(cfg, stage, key)
+            result = _read_record(path)
+            if result is None:
+                stage_cfg = stage_config(stage, experiment, overrides, outputs)
+                log.info("recipe %s: stage %s (%s, key %s)", job, stage.name, stage.kind, key)
+                if stage.kind == "train":
+                    result = _run_train(stage, key, stage_cfg, parent)
+                else:
+                    result = _run_post(stage, key, stage_cfg, tracker, parent, job)
+                result.name = stage.name
+                _write_record(path, result)
+            else:
+                result.name = stage.name
+                log.info("recipe %s: stage %s reused (%s)", job, stage.name, result.output)
+                tracker.set_tags({f"stage.{stage.name}": f"reused run {result.mlflow_run_id}"})
+            outputs[stage.name] = result.output
+            results.append(result)
+        final = [r for r in results if r.kind == "train"][-1]
+        tracker.log_metrics({k: v for k, v in final.metrics.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"final_stage": final.name, "checkpoint": final.output})
+    return RecipeResult(job, results, parent, tracker.uri, tracker.experiment)
+
