@@ -3,8 +3,9 @@
 The platform's detector (``ovdlab.platform.detector``) owns the backbone, RPN, RoI
 pooling, box head and class-agnostic box regression. For every batch of regions it
 hands the pooled ``[R, in_features]`` box-head features to the method, which turns them
-into embeddings (``build_head`` / ``forward_head``), logits against the frozen text bank
-(``logits``), training losses (``losses``) and inference probabilities (``scores``).
+into embeddings (``build_head`` / ``forward_head``), logits against the vocabulary
+(:class:`Vocabulary`: frozen text embeddings and which classes are novel; ``logits``),
+training losses (``losses``) and inference probabilities (``scores``).
 
 A method is a plain object, not an ``nn.Module``: its trainable state lives in the
 module returned by :meth:`Method.build_head`, which the detector registers as its
@@ -22,12 +23,57 @@ the method's recipe (:meth:`Method.recipe`), run by ``ovdlab.platform.recipes.ru
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ovdlab.platform.config import ExperimentConfig, MethodConfig
 from ovdlab.platform.recipes.stages import Stage
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The classes a detector scores: row ``k`` of ``embeddings`` ``[C, D]`` is class ``k``.
+
+    ``is_novel`` ``[C]`` marks the classes the detector never saw a box of (not in its
+    training vocabulary): ViLD-ensemble weighs its two heads per kind of class and
+    LP-OVOD scores novel classes with its probe, so the mask reaches the method with the
+    embeddings. ``names`` are the class names, when known.
+    """
+
+    embeddings: Tensor
+    is_novel: Tensor
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.embeddings.ndim != 2 or self.embeddings.shape[0] == 0:
+            raise ValueError(f"vocabulary embeddings must be [C > 0, D], got {tuple(self.embeddings.shape)}")
+        if self.is_novel.shape != (self.embeddings.shape[0],) or self.is_novel.dtype != torch.bool:
+            raise ValueError(f"is_novel must be a bool tensor [{self.embeddings.shape[0]}], got "
+                             f"{self.is_novel.dtype} {tuple(self.is_novel.shape)}")
+        if self.names and len(self.names) != self.embeddings.shape[0]:
+            raise ValueError(f"{len(self.names)} names for {self.embeddings.shape[0]} embeddings")
+
+    @classmethod
+    def trained(cls, embeddings: Tensor, names: Sequence[str] = ()) -> "Vocabulary":
+        """Every class trained on (a training vocabulary)."""
+        return cls(embeddings, torch.zeros(embeddings.shape[0], dtype=torch.bool, device=embeddings.device), tuple(names))
+
+    @classmethod
+    def against(cls, embeddings: Tensor, names: Sequence[str], trained_names: Sequence[str]) -> "Vocabulary":
+        """``names`` with ``is_novel`` = not among the classes the detector trained on."""
+        trained = set(trained_names)
+        novel = torch.tensor([name not in trained for name in names], dtype=torch.bool, device=embeddings.device)
+        return cls(embeddings, novel, tuple(names))
+
+    @property
+    def size(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Vocabulary":
+        return Vocabulary(self.embeddings.detach().to(device, dtype), self.is_novel.to(device), self.names)
 
 
 @dataclass
@@ -72,8 +118,8 @@ class Method:
         """Run the head on box-head features; every output is row-aligned with ``features``."""
         return head(features)
 
-    def logits(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
-        """``[R, 1 + C]`` classification logits, column 0 = background."""
+    def logits(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
+        """``[R, 1 + C]`` classification logits against ``vocab``, column 0 = background."""
         raise NotImplementedError(f"{type(self).__name__}.logits")
 
     def losses(
@@ -81,13 +127,13 @@ class Method:
         head: nn.Module,
         head_out: dict[str, Tensor],
         labels: Tensor,
-        text: Tensor,
+        vocab: Vocabulary,
         distill: DistillOutputs | None,
     ) -> dict[str, Tensor]:
         """Training losses of the sampled RoIs (``labels`` [R]) and the distillation regions."""
         raise NotImplementedError(f"{type(self).__name__}.losses")
 
-    def scores(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
+    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
         """``[R, C]`` per-class probabilities used at inference (no background column)."""
         raise NotImplementedError(f"{type(self).__name__}.scores")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovdlab.methods.base import DistillOutputs, Method, anchor_to_graph
+from ovdlab.methods.base import DistillOutputs, Method, Vocabulary, anchor_to_graph
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.recipes.stages import Stage
 
@@ -62,10 +62,11 @@ class ViLDText(Method):
     def build_head(self, in_features: int, embed_dim: int) -> ViLDHead:
         return ViLDHead(in_features, embed_dim, self.cfg.temperature, self.cfg.learn_temperature)
 
-    def logits(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
+    def logits(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
         """``z(r) / tau``: cosine to [background, t_1..t_C] times ``1 / T`` (Eq. 1)."""
         region = head_out["embedding"]
-        classifier = torch.cat([F.normalize(head.background, dim=-1)[None], F.normalize(text, dim=-1)], dim=0)
+        text = F.normalize(vocab.embeddings, dim=-1)
+        classifier = torch.cat([F.normalize(head.background, dim=-1)[None], text], dim=0)
         return region @ classifier.to(region.dtype).t() * head.logit_scale.exp()
 
     def losses(
@@ -73,15 +74,15 @@ class ViLDText(Method):
         head: nn.Module,
         head_out: dict[str, Tensor],
         labels: Tensor,
-        text: Tensor,
+        vocab: Vocabulary,
         distill: DistillOutputs | None,
     ) -> dict[str, Tensor]:
-        logits = self.logits(head, head_out, text)
+        logits = self.logits(head, head_out, vocab)
         return {"loss_cls": F.cross_entropy(logits.float(), labels)}
 
-    def scores(self, head: nn.Module, head_out: dict[str, Tensor], text: Tensor) -> Tensor:
+    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
         """Softmax over background + vocabulary, background column dropped."""
-        return F.softmax(self.logits(head, head_out, text).float(), dim=-1)[:, 1:]
+        return F.softmax(self.logits(head, head_out, vocab).float(), dim=-1)[:, 1:]
 
 
 class ViLD(ViLDText):
@@ -114,10 +115,10 @@ class ViLD(ViLDText):
         head: nn.Module,
         head_out: dict[str, Tensor],
         labels: Tensor,
-        text: Tensor,
+        vocab: Vocabulary,
         distill: DistillOutputs | None,
     ) -> dict[str, Tensor]:
-        out = super().losses(head, head_out, labels, text, distill)
+        out = super().losses(head, head_out, labels, vocab, distill)
         out["loss_distill"] = self.cfg.distill_weight * self.image_loss(head_out, distill)
         return out
 

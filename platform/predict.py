@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.data.images import load_image
@@ -149,6 +150,11 @@ class Predictor:
             bank = text_bank(self.teacher, names, recipe)
         return bank.embeddings
 
+    def vocabulary(self, names: Sequence[str], cache: bool = False) -> Vocabulary:
+        """``names`` embedded (see :meth:`text_embeddings`), novel = not among the classes
+        this detector was trained on (``train_classes`` of its checkpoint)."""
+        return Vocabulary.against(self.text_embeddings(names, cache), list(names), self.train_classes)
+
     def predict_array(
         self, image: np.ndarray, vocab: Sequence[str], score_thresh: float = DEFAULT_SCORE_THRESH
     ) -> list[dict[str, Any]]:
@@ -157,8 +163,8 @@ class Predictor:
         if not vocab:
             raise ValueError("the vocabulary is empty; give at least one class name")
         eval_cfg = self.cfg.eval.model_copy(update={"score_thresh": score_thresh, "batch_size": 1})
-        text = self.text_embeddings(vocab)
-        det = predict_images(self.model, [image], text, eval_cfg, self.cfg.model.min_size, self.cfg.model.max_size)[0]
+        det = predict_images(self.model, [image], self.vocabulary(vocab), eval_cfg, self.cfg.model.min_size,
+                             self.cfg.model.max_size)[0]
         out = []
         for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()):
             out.append({"box": [round(v, 2) for v in box], "score": round(float(score), 4), "label": vocab[label]})

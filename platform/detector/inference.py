@@ -18,6 +18,7 @@ from torch import Tensor
 from torchvision.ops import boxes as box_ops
 from tqdm import tqdm
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.platform.config import EvalConfig
 from ovdlab.platform.detector.data import image_to_tensor
 from ovdlab.platform.detector.model import OVDDetector
@@ -25,20 +26,22 @@ from ovdlab.platform.detector.transforms import resize, scale_boxes
 
 
 @contextmanager
-def _inference_state(model: OVDDetector, text: Tensor | None, eval_cfg: EvalConfig | None) -> Iterator[None]:
+def _inference_state(model: OVDDetector, vocab: Vocabulary | None, eval_cfg: EvalConfig | None) -> Iterator[None]:
     heads = model.roi_heads
-    saved = (model.text, model.training, heads.score_thresh, heads.nms_thresh, heads.detections_per_image)
+    saved = (model.text, model.is_novel, model.class_names, model.training,
+             heads.score_thresh, heads.nms_thresh, heads.detections_per_image)
     try:
-        if text is not None:
-            model.set_vocabulary(text)
+        if vocab is not None:
+            model.set_vocabulary(vocab)
         if eval_cfg is not None:
             model.set_inference(eval_cfg)
         model.eval()
         with torch.no_grad():
             yield
     finally:
-        old_text, training, heads.score_thresh, heads.nms_thresh, heads.detections_per_image = saved
-        model.register_buffer("text", old_text, persistent=False)
+        text, is_novel, model.class_names, training, heads.score_thresh, heads.nms_thresh, heads.detections_per_image = saved
+        model.register_buffer("text", text, persistent=False)
+        model.register_buffer("is_novel", is_novel, persistent=False)
         model.train(training)
 
 
@@ -62,12 +65,12 @@ def _to_original(boxes: Tensor, scale: tuple[float, float], size: tuple[int, int
 def predict_images(
     model: OVDDetector,
     images: Sequence[np.ndarray],
-    text: Tensor,
+    vocab: Vocabulary,
     eval_cfg: EvalConfig,
     min_size: int,
     max_size: int,
 ) -> list[dict[str, Tensor]]:
-    """Detect in ``H x W x 3`` uint8 images against the vocabulary ``text`` ``[C, D]``.
+    """Detect in ``H x W x 3`` uint8 images against ``vocab``.
 
     Returns per image (on CPU) ``boxes`` xyxy in original pixels, ``scores``, ``labels``
     (0-based vocabulary index) and ``embeddings`` when the method provides them.
@@ -77,7 +80,7 @@ def predict_images(
     results: list[dict[str, Tensor]] = []
     device = _device(model)
     batch_size = eval_cfg.batch_size
-    with _inference_state(model, text, eval_cfg):
+    with _inference_state(model, vocab, eval_cfg):
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="detect", unit="batch", leave=False, disable=len(starts) < 4):
             batch = images[start : start + batch_size]

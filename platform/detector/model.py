@@ -7,9 +7,10 @@ classifier is the method's head scored against a frozen text bank.
 Unlike torchvision's ``GeneralizedRCNNTransform``, the model does not resize: the data
 path resizes (and flips) images together with their ground-truth and distillation
 boxes (``transforms.py``), so targets arrive in the coordinates of the image given.
-The text bank is a non-persistent buffer, swapped with :meth:`OVDDetector.set_vocabulary`
-(base classes for training, base + novel for evaluation, any list for prediction); it
-never trains and never enters a checkpoint.
+The vocabulary (text embeddings and which classes are novel) is a pair of
+non-persistent buffers, swapped with :meth:`OVDDetector.set_vocabulary` (base classes
+for training, base + novel for evaluation, any list for prediction); it never trains
+and never enters a checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
 from torchvision.ops import MultiScaleRoIAlign
 
-from ovdlab.methods.base import Method
+from ovdlab.methods.base import Method, Vocabulary
 from ovdlab.platform.config import EvalConfig, ModelConfig
 from ovdlab.platform.detector.backbone import Backbone, build_backbone
 from ovdlab.platform.detector.roi_heads import C4RoIPool, OVDRoIHeads
@@ -78,6 +79,8 @@ class OVDDetector(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(IMAGE_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGE_STD).view(3, 1, 1), persistent=False)
         self.register_buffer("text", torch.zeros(0, embed_dim), persistent=False)
+        self.register_buffer("is_novel", torch.zeros(0, dtype=torch.bool), persistent=False)
+        self.class_names: tuple[str, ...] = ()
 
     @property
     def method(self) -> Method:
@@ -87,11 +90,23 @@ class OVDDetector(nn.Module):
     def num_classes(self) -> int:
         return int(self.text.shape[0])
 
-    def set_vocabulary(self, text: Tensor) -> None:
-        """Install the frozen text bank ``[C, D]`` (row k = vocabulary index k)."""
-        if text.ndim != 2 or text.shape[1] != self.embed_dim or text.shape[0] == 0:
-            raise ValueError(f"text bank must be [C > 0, {self.embed_dim}], got {tuple(text.shape)}")
-        self.register_buffer("text", text.detach().to(self.pixel_mean.device, torch.float32), persistent=False)
+    def set_vocabulary(self, vocab: Vocabulary) -> None:
+        """Install ``vocab`` (row k = vocabulary index k): its frozen text embeddings and
+        novel mask become non-persistent buffers, so they follow the model across devices
+        but never enter a checkpoint."""
+        if vocab.embeddings.shape[1] != self.embed_dim:
+            raise ValueError(f"text bank must be [C > 0, {self.embed_dim}], got {tuple(vocab.embeddings.shape)}")
+        vocab = vocab.to(self.pixel_mean.device)
+        self.register_buffer("text", vocab.embeddings, persistent=False)
+        self.register_buffer("is_novel", vocab.is_novel, persistent=False)
+        self.class_names = vocab.names
+
+    @property
+    def vocabulary(self) -> Vocabulary:
+        """The installed vocabulary (what the method scores against)."""
+        if self.num_classes == 0:
+            raise RuntimeError("no vocabulary: call set_vocabulary(...) before running the detector")
+        return Vocabulary(self.text, self.is_novel, self.class_names)
 
     def set_inference(self, eval_cfg: EvalConfig) -> None:
         """Score threshold, NMS IoU and detections per image used by :meth:`forward` in eval."""
@@ -148,8 +163,7 @@ class OVDDetector(nn.Module):
         image ``boxes`` (in those coordinates), ``scores``, ``labels`` (0-based vocabulary
         index) and ``embeddings`` when the method head outputs an ``embedding``.
         """
-        if self.num_classes == 0:
-            raise RuntimeError("no vocabulary: call set_vocabulary(text) before running the detector")
+        vocab = self.vocabulary
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets")
@@ -158,9 +172,9 @@ class OVDDetector(nn.Module):
         features = self.backbone(image_list.tensors)
         proposals, _, rpn_losses = self.rpn.propose(image_list, features, targets if self.training else None)
         if self.training:
-            roi_losses = self.roi_heads.forward_train(features, proposals, image_list.image_sizes, self.text, targets)
+            roi_losses = self.roi_heads.forward_train(features, proposals, image_list.image_sizes, vocab, targets)
             return {**rpn_losses, **roi_losses}
-        return self.roi_heads.forward_eval(features, proposals, image_list.image_sizes, self.text)
+        return self.roi_heads.forward_eval(features, proposals, image_list.image_sizes, vocab)
 
     @torch.no_grad()
     def proposals_only(self, images: list[Tensor]) -> list[tuple[Tensor, Tensor]]:

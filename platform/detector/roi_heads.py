@@ -24,7 +24,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import RoIAlign
 from torchvision.ops import boxes as box_ops
 
-from ovdlab.methods.base import DistillOutputs, Method
+from ovdlab.methods.base import DistillOutputs, Method, Vocabulary
 from ovdlab.platform.detector.backbone import C4_POOL_SIZE, C4_STRIDE
 
 
@@ -145,16 +145,17 @@ class OVDRoIHeads(nn.Module):
         features: dict[str, Tensor],
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
-        text: Tensor,
+        vocab: Vocabulary,
         targets: list[dict[str, Tensor]],
     ) -> dict[str, Tensor]:
         rois, labels, regression_targets = self.select_training_samples(proposals, targets)
         distill = self.method.distills
+        device = vocab.embeddings.device
         if distill:
-            d_boxes, d_targets, d_weights, d_index = self._distill_inputs(targets, text.shape[1], text.device)
+            d_boxes, d_targets, d_weights, d_index = self._distill_inputs(targets, vocab.embeddings.shape[1], device)
             rois = [torch.cat([r, d]) for r, d in zip(rois, d_boxes)]
             is_distill = torch.cat(
-                [torch.arange(len(r), device=text.device) >= len(r) - len(d) for r, d in zip(rois, d_boxes)]
+                [torch.arange(len(r), device=device) >= len(r) - len(d) for r, d in zip(rois, d_boxes)]
             )
         rep = self.box_head(self.box_pool(features, rois, image_sizes))
         head_out = self.method.forward_head(self.method_head, rep)
@@ -163,7 +164,7 @@ class OVDRoIHeads(nn.Module):
             head_out, distill_head_out = _split_rows(head_out, is_distill)
             distill_out = DistillOutputs(distill_head_out, d_targets, d_weights, d_index)
             rep = rep[~is_distill]
-        losses = self.method.losses(self.method_head, head_out, labels, text, distill_out)
+        losses = self.method.losses(self.method_head, head_out, labels, vocab, distill_out)
         losses["loss_box"] = self.box_loss(self.box_predictor(rep), labels, regression_targets)
         return losses
 
@@ -173,12 +174,12 @@ class OVDRoIHeads(nn.Module):
         features: dict[str, Tensor],
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
-        text: Tensor,
+        vocab: Vocabulary,
     ) -> list[dict[str, Tensor]]:
         """Class-agnostic decode, method scores, threshold, per-class NMS, top-k."""
         rep = self.box_head(self.box_pool(features, proposals, image_sizes))
         head_out = self.method.forward_head(self.method_head, rep)
-        scores = self.method.scores(self.method_head, head_out, text).float()
+        scores = self.method.scores(self.method_head, head_out, vocab).float()
         deltas = self.box_predictor(rep).float()
         boxes = self.box_coder.decode(deltas, proposals).reshape(-1, 4)
         embedding = head_out.get("embedding")

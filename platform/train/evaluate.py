@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.data.images import read_image
@@ -68,19 +68,19 @@ def detect_split(
     cfg: ExperimentConfig,
     model: OVDDetector,
     dataset: OVDDataset,
-    text: torch.Tensor,
+    vocab: Vocabulary,
     image_ids: Sequence[int] | None = None,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """COCO results of ``model`` on ``dataset`` (vocabulary row k = ``dataset.category_ids[k]``).
 
-    Returns (results, skipped images). ``text`` must have one row per category of the
+    Returns (results, skipped images). ``vocab`` must have one row per category of the
     dataset, in category-id order (``dataset.class_names``).
     """
     category_ids = list(dataset.category_ids)
-    if text.shape[0] != len(category_ids):
+    if vocab.size != len(category_ids):
         raise ValueError(
-            f"evaluation vocabulary has {text.shape[0]} rows but {dataset.ann_json} has {len(category_ids)} categories"
+            f"evaluation vocabulary has {vocab.size} rows but {dataset.ann_json} has {len(category_ids)} categories"
         )
     ids = list(dataset.image_ids if image_ids is None else image_ids)
     loader = DataLoader(
@@ -99,7 +99,7 @@ def detect_split(
                 skipped.append({"image_id": str(image_id), "error": err})
                 log.warning("evaluation skips image %s: %s", image_id, err)
         if good:
-            dets = predict_images(model, [img for _, img in good], text, cfg.eval, cfg.model.min_size, cfg.model.max_size)
+            dets = predict_images(model, [img for _, img in good], vocab, cfg.eval, cfg.model.min_size, cfg.model.max_size)
             results.extend(detections_to_coco(dets, [i for i, _ in good], category_ids))
         if bar is not None:
             bar.update(len(batch))
@@ -109,10 +109,10 @@ def detect_split(
 
 
 def evaluate_model(
-    cfg: ExperimentConfig, model: OVDDetector, dataset: OVDDataset, text: torch.Tensor, progress: bool = True
+    cfg: ExperimentConfig, model: OVDDetector, dataset: OVDDataset, vocab: Vocabulary, progress: bool = True
 ) -> EvalOutput:
     """Run :func:`detect_split` over the whole split and score it with the dataset's protocol."""
-    results, skipped = detect_split(cfg, model, dataset, text, progress=progress)
+    results, skipped = detect_split(cfg, model, dataset, vocab, progress=progress)
     if len(skipped) == len(dataset):
         raise RuntimeError(f"no image of {dataset.ann_json} could be decoded (first error: {skipped[0]['error']})")
     metrics = evaluate(cfg.dataset.kind, dataset.ann_json, results)
@@ -130,5 +130,4 @@ def evaluate_checkpoint(checkpoint: str | Path, split: str = "val", cfg: Experim
 
     predictor = Predictor.from_checkpoint(checkpoint, cfg=cfg)
     dataset = load_dataset(predictor.cfg, split)  # type: ignore[arg-type]
-    text = predictor.text_embeddings(dataset.class_names, cache=True)
-    return evaluate_model(predictor.cfg, predictor.model, dataset, text)
+    return evaluate_model(predictor.cfg, predictor.model, dataset, predictor.vocabulary(dataset.class_names, cache=True))

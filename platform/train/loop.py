@@ -57,6 +57,7 @@ from mlflow.entities import Metric
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import ExperimentConfig, build_config
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
@@ -375,7 +376,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     banks = load_text_banks(args.text_path)
     train_text = banks["train"]["embeddings"].float()
     raw = build_model(cfg, int(train_text.shape[1]))
-    raw.set_vocabulary(train_text)
+    raw.set_vocabulary(Vocabulary.trained(train_text, banks["train"]["names"]))
     meta = {
         "embed_dim": int(train_text.shape[1]),
         "train_classes": list(banks["train"]["names"]),
@@ -409,7 +410,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     base_ids = [int(i) for i in banks["train"]["class_ids"]]
     loader, sampler = _train_loader(cfg, train_set, base_ids, args.store_path, session)
     val_set = load_dataset(cfg, "val") if rank0 else None
-    eval_text = banks["eval"]["embeddings"].float()
+    eval_vocab = Vocabulary.against(banks["eval"]["embeddings"].float(), banks["eval"]["names"], banks["train"]["names"])
 
     batches = _batches(loader, sampler, epoch=start // max(1, len(loader)))
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -458,7 +459,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
             if evaluate_now and rank0 and val_set is not None:
                 progress.say(f"step {done}: evaluating {len(val_set)} {val_set.ann_json.name} images with all classes")
                 t_eval = time.perf_counter()
-                out = evaluate_model(cfg, _unwrap(model), val_set, eval_text, progress=False)
+                out = evaluate_model(cfg, _unwrap(model), val_set, eval_vocab, progress=False)
                 set_train_mode(model, frozen_norms)
                 results = out.results
                 metrics.update(out.metrics.as_dict())

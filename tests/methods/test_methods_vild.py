@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovdlab.methods.base import DistillOutputs, Method
+from ovdlab.methods.base import DistillOutputs, Method, Vocabulary
 from ovdlab.methods.registry import available_methods, build_method
 from ovdlab.methods.vild import ViLD, ViLDText
 from ovdlab.platform.config import MethodConfig
@@ -33,7 +33,7 @@ def test_logits_are_cosines_over_temperature_with_background_first():
     head = hand_made_head(method)
     out = method.forward_head(head, torch.tensor([[2.0, 0.0], [0.0, 5.0]]))
     assert torch.allclose(out["embedding"], unit([1.0, 0.0], [0.0, 1.0]))
-    text = torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]])  # unnormalized on purpose
+    text = Vocabulary.trained(torch.tensor([[3.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))  # unnormalized on purpose
     logits = method.logits(head, out, text)
     assert logits.shape == (2, 4)
     s = math.sqrt(0.5)
@@ -54,7 +54,7 @@ def test_temperature_is_a_buffer_unless_learned():
     learned = learned_method.build_head(4, 3)
     assert learned.logit_scale.requires_grad
     out = learned_method.forward_head(learned, torch.randn(5, 4))
-    loss = learned_method.losses(learned, out, torch.tensor([0, 1, 2, 3, 1]), torch.randn(3, 3), None)["loss_cls"]
+    loss = learned_method.losses(learned, out, torch.tensor([0, 1, 2, 3, 1]), Vocabulary.trained(torch.randn(3, 3)), None)["loss_cls"]
     loss.backward()
     assert learned.logit_scale.grad is not None and learned.logit_scale.grad != 0
 
@@ -63,7 +63,7 @@ def test_text_loss_is_cross_entropy_with_background_label_zero():
     method = ViLDText(MethodConfig(temperature=0.1))
     head = hand_made_head(method)
     out = method.forward_head(head, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
-    text = unit([1.0, 0.0], [0.0, 1.0])
+    text = Vocabulary.trained(unit([1.0, 0.0], [0.0, 1.0]))
     labels = torch.tensor([1, 2, 0])
     losses = method.losses(head, out, labels, text, None)
     assert set(losses) == {"loss_cls"}
@@ -80,7 +80,7 @@ def test_vild_image_loss_is_weighted_l1_summed_over_d_and_averaged_over_boxes():
     regions = method.forward_head(head, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
     targets = torch.tensor([[0.0, 1.0], [0.0, 4.0]])  # second one is renormalized to (0, 1)
     distill = DistillOutputs(regions, targets, torch.tensor([0.1, 5.0]), torch.tensor([0, 1]))
-    losses = method.losses(head, rois, torch.tensor([1]), unit([1.0, 0.0]), distill)
+    losses = method.losses(head, rois, torch.tensor([1]), Vocabulary.trained(unit([1.0, 0.0])), distill)
     # |1-0| + |0-1| = 2 for box 1, 0 for box 2 -> mean 1, times w = 0.5 (weights ignored)
     assert losses["loss_distill"].item() == pytest.approx(0.5)
     assert set(losses) == {"loss_cls", "loss_distill"}
@@ -92,7 +92,7 @@ def test_vild_image_loss_without_boxes_is_zero_but_keeps_the_graph():
     rois = method.forward_head(head, torch.randn(4, 3))
     empty = method.forward_head(head, torch.zeros(0, 3))
     for distill in (None, DistillOutputs(empty, torch.zeros(0, 2), torch.zeros(0), torch.zeros(0, dtype=torch.long))):
-        loss = method.losses(head, rois, torch.tensor([0, 1, 0, 1]), torch.randn(1, 2), distill)["loss_distill"]
+        loss = method.losses(head, rois, torch.tensor([0, 1, 0, 1]), Vocabulary.trained(torch.randn(1, 2)), distill)["loss_distill"]
         assert loss.item() == 0.0 and loss.requires_grad
 
 

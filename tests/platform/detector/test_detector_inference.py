@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import EvalConfig, MethodConfig, ModelConfig
 from ovdlab.platform.detector import build_detector, detections_to_coco, predict_images, propose_images
@@ -30,7 +31,7 @@ def model():
     torch.manual_seed(0)
     cfg = ModelConfig(fpn_channels=16, representation_size=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=30)
     det = build_detector(cfg, build_method(MethodConfig(name="vild-text")), EMBED)
-    det.set_vocabulary(F.normalize(torch.randn(3, EMBED), dim=1))
+    det.set_vocabulary(Vocabulary.trained(F.normalize(torch.randn(3, EMBED), dim=1)))
     return det
 
 
@@ -43,7 +44,7 @@ def test_predict_images_maps_to_original_pixels_and_restores_state(model):
     train_text = model.text.clone()
     model.train()
     eval_cfg = EvalConfig(score_thresh=0.0, detections_per_image=20, batch_size=1)
-    text = F.normalize(torch.randn(6, EMBED), dim=1)
+    text = Vocabulary.trained(F.normalize(torch.randn(6, EMBED), dim=1))
     results = predict_images(model, images(), text, eval_cfg, min_size=64, max_size=96)
 
     assert model.training and torch.equal(model.text, train_text)  # state restored
@@ -66,7 +67,7 @@ def test_predict_images_maps_to_original_pixels_and_restores_state(model):
     expected[:, 1::2] = expected[:, 1::2].clamp(0, 70)
     assert torch.allclose(results[1]["boxes"], expected, atol=1e-4)
     assert torch.equal(results[1]["labels"], manual["labels"])
-    model.set_vocabulary(train_text)
+    model.set_vocabulary(Vocabulary.trained(train_text))
     model.set_inference(EvalConfig())
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ovdlab.methods.base import Vocabulary
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import EvalConfig, MethodConfig, ModelConfig
 from ovdlab.platform.detector import build_detector
@@ -45,7 +46,7 @@ def text_bank(num_classes: int) -> torch.Tensor:
 
 def make_model(method: str = "vild", classes: int = 5, **cfg):
     model = build_detector(small_cfg(**cfg), build_method(MethodConfig(name=method, distill_weight=0.5)), EMBED)
-    model.set_vocabulary(text_bank(classes))
+    model.set_vocabulary(Vocabulary.trained(text_bank(classes)))
     return model
 
 
@@ -97,7 +98,7 @@ def test_distillation_loss_follows_only_the_distillation_embeddings():
         features = model.backbone(image_list.tensors)
         proposals, _, _ = model.rpn.propose(image_list, features)
         torch.manual_seed(1)
-        first = model.roi_heads.forward_train(features, proposals, image_list.image_sizes, model.text, targets)
+        first = model.roi_heads.forward_train(features, proposals, image_list.image_sizes, model.vocabulary, targets)
         d_boxes = [t["distill_boxes"] for t in targets]
         regions = model.roi_heads.box_head(model.roi_heads.box_pool(features, d_boxes, image_list.image_sizes))
         region_emb = model.roi_heads.method_head(regions)["embedding"]
@@ -124,7 +125,7 @@ def test_eval_detections_respect_vocabulary_and_limit():
         assert (det["boxes"][:, 0::2] <= w).all() and (det["boxes"][:, 1::2] <= h).all() and (det["boxes"] >= 0).all()
 
     # swap to a bigger vocabulary: the same weights now score 12 classes
-    model.set_vocabulary(text_bank(12))
+    model.set_vocabulary(Vocabulary.trained(text_bank(12)))
     model.set_inference(EvalConfig(score_thresh=0.0, detections_per_image=300))
     with torch.no_grad():
         big = model(images)
@@ -139,8 +140,8 @@ def test_vocabulary_and_target_errors_are_clear():
     with pytest.raises(RuntimeError, match="set_vocabulary"):
         model.eval()(images)
     with pytest.raises(ValueError, match=r"\[C > 0, 16\]"):
-        model.set_vocabulary(torch.randn(3, 8))
-    model.set_vocabulary(text_bank(3))
+        model.set_vocabulary(Vocabulary.trained(torch.randn(3, 8)))
+    model.set_vocabulary(Vocabulary.trained(text_bank(3)))
     model.train()
     with pytest.raises(ValueError, match=r"labels must lie in 1\.\.3"):
         model(images, targets)  # label 5 is outside a 3-class vocabulary

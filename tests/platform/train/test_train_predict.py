@@ -126,7 +126,7 @@ def test_evaluation_skips_and_names_an_undecodable_image(trained, tmp_path):
     broken.write_bytes(broken.read_bytes()[:40])
     copy = OVDDataset(val.ann_json, images)
     predictor = Predictor.from_checkpoint(checkpoint, device="cpu")
-    results, skipped = detect_split(cfg, predictor.model, copy, predictor.text_embeddings(copy.class_names))
+    results, skipped = detect_split(cfg, predictor.model, copy, predictor.vocabulary(copy.class_names))
     assert [s["image_id"] for s in skipped] == [str(broken_id)] and str(broken) in skipped[0]["error"]
     assert broken_id not in {r["image_id"] for r in results}
     assert {r["image_id"] for r in results} <= set(val.image_ids)

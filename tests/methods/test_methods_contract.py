@@ -1,0 +1,63 @@
+"""The method seam: every registered method through build, forward, losses, scores and its
+recipe; the Vocabulary that reaches it (embeddings and which classes were never trained on)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovdlab.methods.base import DistillOutputs, Vocabulary
+from ovdlab.methods.registry import available_methods, build_method
+from ovdlab.platform.config import MethodConfig, load_config
+from ovdlab.platform.recipes.stages import check_recipe
+
+IN_FEATURES, EMBED, CLASSES, ROIS, REGIONS = 12, 8, 5, 7, 4
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_builds_trains_and_scores(name):
+    torch.manual_seed(0)
+    method = build_method(MethodConfig(name=name, distill_weight=0.5))
+    head = method.build_head(IN_FEATURES, EMBED)
+    vocab = Vocabulary.trained(F.normalize(torch.randn(CLASSES, EMBED), dim=1))
+    out = method.forward_head(head, torch.randn(ROIS, IN_FEATURES))
+    assert all(v.shape[0] == ROIS for v in out.values())
+    distill = None
+    if method.distills:
+        regions = method.forward_head(head, torch.randn(REGIONS, IN_FEATURES))
+        distill = DistillOutputs(regions, torch.randn(REGIONS, EMBED), torch.ones(REGIONS), torch.zeros(REGIONS, dtype=torch.long))
+    labels = torch.randint(0, CLASSES + 1, (ROIS,))
+    losses = method.losses(head, out, labels, vocab, distill)
+    assert losses and all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+    assert method.logits(head, out, vocab).shape == (ROIS, 1 + CLASSES)
+    # At evaluation the vocabulary grows (base + novel): scores follow it, one column per class.
+    grown = Vocabulary.against(F.normalize(torch.randn(CLASSES + 3, EMBED), dim=1),
+                               [f"c{i}" for i in range(CLASSES + 3)], [f"c{i}" for i in range(CLASSES)])
+    with torch.no_grad():
+        scores = method.scores(head, method.forward_head(head, torch.randn(ROIS, IN_FEATURES)), grown)
+    assert scores.shape == (ROIS, CLASSES + 3) and (scores >= 0).all() and (scores <= 1).all()
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_declares_a_runnable_recipe(name):
+    experiment = f"experiments/{name.replace('-', '_')}_shapes"
+    cfg = load_config(experiment)
+    stages = build_method(cfg.method).recipe(cfg)
+    check_recipe(stages)
+    assert stages[-1].kind == "train"
+
+
+def test_vocabulary_marks_classes_never_trained_on():
+    emb = torch.randn(3, 4)
+    vocab = Vocabulary.against(emb, ["red circle", "blue star", "red square"], ["red circle", "red square"])
+    assert vocab.is_novel.tolist() == [False, True, False] and vocab.size == 3 and vocab.names[1] == "blue star"
+    assert not Vocabulary.trained(emb).is_novel.any()
+    with pytest.raises(ValueError, match="bool tensor"):
+        Vocabulary(emb, torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"\[C > 0, D\]"):
+        Vocabulary.trained(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="2 names for 3"):
+        Vocabulary(emb, torch.zeros(3, dtype=torch.bool), ("a", "b"))
