@@ -15,6 +15,7 @@ from ovdlab.platform.config import MethodConfig
 METHODS: dict[str, str] = {
     "vild-text": "ovdlab.methods.vild:ViLDText",
     "vild": "ovdlab.methods.vild:ViLD",
+    "vild-ensemble": "ovdlab.methods.vild:ViLDEnsemble",
 }
 
 

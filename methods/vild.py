@@ -12,7 +12,9 @@ Equations of the paper, with ``e_r`` the region embedding of RoI ``r``:
   encoder (its normalized embeddings come from the region store).
 - ViLD (Eq. 3): ``L = L_text + w * L_image`` (w = 0.5 for R50 in the paper).
 
-ViLD-ensemble (a separate image branch combined at test time) is not built here.
+- ViLD-ensemble (Sec. 3.4): a separate image branch takes the image loss, the text
+  branch only ``L_text``; test scores ``p_text^lambda * p_img^(1 - lambda)``, lambda
+  2/3 for base and 1/3 for novel classes.
 """
 
 from __future__ import annotations
@@ -110,6 +112,9 @@ class ViLD(ViLDText):
             Stage("train", "train", reads={"proposals.checkpoint": "proposal-detector"}),
         ]
 
+    distilled = "embedding"
+    """The head output the image loss pulls to the teacher's embeddings."""
+
     def losses(
         self,
         head: nn.Module,
@@ -119,18 +124,58 @@ class ViLD(ViLDText):
         distill: DistillOutputs | None,
     ) -> dict[str, Tensor]:
         out = super().losses(head, head_out, labels, vocab, distill)
-        out["loss_distill"] = self.cfg.distill_weight * self.image_loss(head_out, distill)
+        out["loss_distill"] = self.cfg.distill_weight * self.image_loss(head_out, distill, self.distilled)
         return out
 
     @staticmethod
-    def image_loss(head_out: dict[str, Tensor], distill: DistillOutputs | None) -> Tensor:
-        """``1/M sum ||e_clip - e_r~||_1`` (Eq. 2), L1 summed over D, averaged over boxes.
+    def image_loss(head_out: dict[str, Tensor], distill: DistillOutputs | None, key: str = "embedding") -> Tensor:
+        """``1/M sum ||e_clip - e_r~||_1`` (Eq. 2) on the head output ``key``, L1 summed
+        over D, averaged over boxes.
 
         Zero (still connected to the head's graph) when the batch has no boxes.
         """
         if distill is None or distill.num_boxes == 0:
-            anchors = [head_out["embedding"]] + ([distill.head_out["embedding"]] if distill is not None else [])
+            anchors = [head_out[key]] + ([distill.head_out[key]] if distill is not None else [])
             return anchor_to_graph(*anchors)
-        region = distill.head_out["embedding"].float()
+        region = distill.head_out[key].float()
         target = F.normalize(distill.targets.float(), dim=-1)
         return (region - target).abs().sum(dim=1).mean()
+
+
+class ViLDEnsembleHead(ViLDHead):
+    """:class:`ViLDHead` plus a separate image branch: ``image_embedding = normalize(W' h_r)``."""
+
+    def __init__(self, in_features: int, embed_dim: int, temperature: float, learn_temperature: bool) -> None:
+        super().__init__(in_features, embed_dim, temperature, learn_temperature)
+        self.image_projection = nn.Linear(in_features, embed_dim)
+
+    def forward(self, features: Tensor) -> dict[str, Tensor]:
+        return {**super().forward(features), "image_embedding": F.normalize(self.image_projection(features), dim=-1)}
+
+
+class ViLDEnsemble(ViLD):
+    """ViLD-ensemble (Sec. 3.4, "Model ensembling"): the text branch is trained by the
+    classification loss only and a separate image branch by the distillation loss only,
+    so distilling the teacher's view of every proposal (background included) never bends
+    the classifier's embedding. At test time the two are combined per class by a
+    geometric mean, ``p_text^lambda * p_img^(1 - lambda)`` with ``lambda = 2/3`` for the
+    classes trained on and ``1/3`` for the novel ones (the vocabulary's ``is_novel``),
+    ``p_img = softmax(cos(e_img, t) / T)`` over the vocabulary.
+    """
+
+    name = "vild-ensemble"
+    distilled = "image_embedding"
+    TEXT_WEIGHT_TRAINED = 2.0 / 3.0
+    TEXT_WEIGHT_NOVEL = 1.0 / 3.0
+
+    def build_head(self, in_features: int, embed_dim: int) -> ViLDEnsembleHead:
+        return ViLDEnsembleHead(in_features, embed_dim, self.cfg.temperature, self.cfg.learn_temperature)
+
+    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
+        """``p_text^lambda * p_img^(1 - lambda)`` per class, lambda by the class's kind."""
+        p_text = super().scores(head, head_out, vocab)
+        text = F.normalize(vocab.embeddings, dim=-1)
+        image = head_out["image_embedding"].float()
+        p_image = F.softmax(image @ text.to(image.dtype).t() * head.logit_scale.exp(), dim=-1)
+        weight = torch.where(vocab.is_novel, self.TEXT_WEIGHT_NOVEL, self.TEXT_WEIGHT_TRAINED).to(p_text.dtype)
+        return p_text.pow(weight) * p_image.pow(1.0 - weight)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from ovdlab.methods.base import DistillOutputs, Method, Vocabulary
 from ovdlab.methods.registry import available_methods, build_method
-from ovdlab.methods.vild import ViLD, ViLDText
+from ovdlab.methods.vild import ViLD, ViLDEnsemble, ViLDText
 from ovdlab.platform.config import MethodConfig
 
 
@@ -107,3 +107,38 @@ def test_registry_builds_by_name_and_names_what_exists():
             continue
         with pytest.raises(NotImplementedError, match="available methods: .*vild"):
             build_method(MethodConfig.model_construct(name=name))
+
+
+def test_ensemble_branches_take_one_loss_each():
+    method = ViLDEnsemble(MethodConfig(name="vild-ensemble", distill_weight=0.5))
+    head = method.build_head(3, 2)
+    rois = method.forward_head(head, torch.randn(4, 3))
+    regions = method.forward_head(head, torch.randn(2, 3))
+    distill = DistillOutputs(regions, torch.randn(2, 2), torch.ones(2), torch.tensor([0, 1]))
+    losses = method.losses(head, rois, torch.tensor([0, 1, 0, 1]), Vocabulary.trained(torch.randn(1, 2)), distill)
+    losses["loss_cls"].backward(retain_graph=True)
+    assert head.image_projection.weight.grad is None and head.projection.weight.grad.abs().sum() > 0
+    head.zero_grad(set_to_none=True)
+    losses["loss_distill"].backward()
+    assert head.projection.weight.grad is None and head.image_projection.weight.grad.abs().sum() > 0
+    # The image loss is ViLD's L1 on the image branch.
+    expected = 0.5 * (regions["image_embedding"] - F.normalize(distill.targets, dim=-1)).abs().sum(1).mean()
+    assert losses["loss_distill"].item() == pytest.approx(expected.item())
+
+
+def test_ensemble_scores_are_geometric_means_weighted_by_kind():
+    method = ViLDEnsemble(MethodConfig(name="vild-ensemble", temperature=0.5))
+    head = method.build_head(2, 2)
+    with torch.no_grad():
+        head.projection.weight.copy_(torch.eye(2))
+        head.image_projection.weight.copy_(torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+        head.projection.bias.zero_()
+        head.image_projection.bias.zero_()
+    out = method.forward_head(head, torch.tensor([[1.0, 0.2]]))
+    text = unit([1.0, 0.0], [0.0, 1.0])
+    vocab = Vocabulary(text, torch.tensor([False, True]))
+    p_text = ViLDText.scores(method, head, out, vocab)
+    p_img = F.softmax(out["image_embedding"] @ text.t() / 0.5, dim=-1)
+    expected = torch.stack([p_text[:, 0] ** (2 / 3) * p_img[:, 0] ** (1 / 3),
+                            p_text[:, 1] ** (1 / 3) * p_img[:, 1] ** (2 / 3)], dim=1)
+    assert torch.allclose(method.scores(head, out, vocab), expected, atol=1e-6)
