@@ -42,7 +42,8 @@ RECIPES_DIR = "recipes"
 
 @dataclass
 class StageResult:
-    """What a stage left: ``output`` (a checkpoint, a file), its metrics, its MLflow run."""
+    """What a stage left: ``output`` (a checkpoint, a file), its metrics, its MLflow run,
+    and the wall seconds it took when it ran (kept when it is reused: ``skipped``)."""
 
     name: str
     kind: str
@@ -102,7 +103,7 @@ def _read_record(path: Path) -> StageResult | None:
     if not Path(data["output"]).exists():
         log.warning("recipe record %s names a missing output %s; running the stage again", path, data["output"])
         return None
-    return StageResult(**{**data, "skipped": True, "seconds": 0.0})
+    return StageResult(**{**data, "skipped": True})
 
 
 def _write_record(path: Path, result: StageResult) -> None:

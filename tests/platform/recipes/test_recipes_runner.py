@@ -102,6 +102,7 @@ def test_runner_chains_skips_and_tracks(tmp_path, tiny_overrides, ray_local, not
     again = run_recipe("experiments/vild_text_shapes", overrides, stages)
     assert [s.skipped for s in again.stages] == [True, True, True] and len(notes_module.calls) == 1
     assert again.parent_run_id == first.parent_run_id and again.checkpoint == first.checkpoint
+    assert [s.seconds for s in again.stages] == [s.seconds for s in first.stages]  # what they took when they ran
     assert len(tracker.client.search_runs([tracker.experiment_id])) == len(runs)
 
     # A stage whose input changed runs again; the stages before it are reused.
