@@ -144,7 +144,7 @@ def _run_post(stage: Stage, key: str, cfg: ExperimentConfig, tracker: Tracker, p
     return StageResult(stage.name, stage.kind, key, str(output), {}, run_id, time.perf_counter() - start)
 
 
-def _parent_run(tracker: Tracker, cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tuple[Path, str | None]:
+def _parent_run(cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tuple[Path, str | None]:
     """The record of this job's parent run (same config, same recipe: the same run)."""
     key = content_key("recipe", cfg.content_hash(), [s.describe() for s in stages])
     path = cfg.work_path(RECIPES_DIR, f"{job}-{key}.json")
@@ -163,7 +163,7 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
     unbound = {s.name: stage_config(s, experiment, overrides) for s in stages}
     job = f"{run_name_for(cfg)}-job"
     tracker = tracker_from_config(cfg)
-    record, parent_id = _parent_run(tracker, cfg, stages, job)
+    record, parent_id = _parent_run(cfg, stages, job)
     results: list[StageResult] = []
     keys: dict[str, str] = {}
     outputs: dict[str, str] = {}
@@ -178,18 +178,17 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
             path = _record_path(cfg, stage, key)
             result = _read_record(path)
             if result is None:
-                stage_cfg = stage_config(stage, experiment, overrides, outputs)
                 log.info("recipe %s: stage %s (%s, key %s)", job, stage.name, stage.kind, key)
+                stage_cfg = stage_config(stage, experiment, overrides, outputs)
                 if stage.kind == "train":
                     result = _run_train(stage, key, stage_cfg, parent)
                 else:
                     result = _run_post(stage, key, stage_cfg, tracker, parent, job)
-                result.name = stage.name
                 _write_record(path, result)
             else:
-                result.name = stage.name
                 log.info("recipe %s: stage %s reused (%s)", job, stage.name, result.output)
                 tracker.set_tags({f"stage.{stage.name}": f"reused run {result.mlflow_run_id}"})
+            result.name = stage.name  # a record written by another recipe names its own stage
             outputs[stage.name] = result.output
             results.append(result)
         final = [r for r in results if r.kind == "train"][-1]

@@ -78,12 +78,12 @@ def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     """The README's first command (after the install), shrunk to one seed: every method and
     the oracle, default work dir, own Ray, one comparison table."""
     out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN], clone)
-    for method in ("vild-text", "vild", "oracle"):
+    for method in ("vild-text", "vild", "vild-ensemble", "oracle"):
         assert re.search(rf"^\| {method} \| 1 \| (\d+\.\d|n/a) \| ", out, re.M), out[-4000:]
-    assert out.count("[ovdlab train] step 2/4 (50%)") == 3, "each run's progress lines reach the console once"
+    assert out.count("[ovdlab train] step 2/4 (50%)") == 4, "each run's progress lines reach the console once"
     assert "[ovdlab train] step 4: evaluating 8 val.json images" in out
     assert "shapes world: train images 24/24 (100%)" in out
-    for prefix in ("vild-text-shapes-", "vild-shapes-", "vild-text-oracle-shapes-"):
+    for prefix in ("vild-text-shapes-", "vild-shapes-", "vild-ensemble-shapes-", "vild-text-oracle-shapes-"):
         client, run = only_run(clone / "work" / "mlflow.db", prefix)
         assert run.data.tags["completed"] == "True" and run.data.tags["reported_checkpoint"] == "last"
         metrics = run.data.metrics
