@@ -90,6 +90,12 @@ def _ordered(methods: list[str]) -> list[str]:
     return sorted(methods, key=lambda m: (m != "vild-text", m == ORACLE, m))
 
 
+def headline(metrics: dict[str, float]) -> str:
+    """``AP50 novel .. | base .. | all ..`` and the novel kinds, as every training prints it."""
+    kinds = "".join(f" | {k[len('ap50_'):]} {metrics[k]:.1f}" for k in ("ap50_novel_comp", "ap50_novel_concept") if k in metrics)
+    return f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
+
+
 def draw_showcase(
     done: dict[tuple[str, int], RecipeResult], seed: int, configs: dict[str, ExperimentConfig], out_dir: Path
 ) -> Path | None:
@@ -128,7 +134,7 @@ def main(argv: list[str]) -> int:
             for stage in result.stages:
                 how = "reused" if stage.skipped else f"{stage.seconds / 60:.1f} min"
                 print(f"stage {stage.name} ({stage.kind}): {how} -> {stage.output}")
-            print(" | ".join(f"{label} {result.metrics[k]:.1f}" for k, label in COLUMNS.items() if k in result.metrics))
+            print(headline(result.metrics))
             print(f"final checkpoint: {result.checkpoint}; MLflow job run {result.parent_run_id}", flush=True)
 
     table = format_comparison(rows, COLUMNS)
