@@ -90,7 +90,6 @@ class TrainResult:
 @dataclass
 class Prepared:
     """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them;
-    ``init_from``: the checkpoint the phase starts from (``train.init_from``), or None;
     ``cfg``: the config the workers get (``model.backbone_weights: base-crops`` resolved
     to its file)."""
 
@@ -100,7 +99,6 @@ class Prepared:
     train_classes: list[str]
     eval_classes: list[str]
     datasets: dict[str, OVDDataset]
-    init_from: Path | None = None
 
 
 def run_name_for(cfg: ExperimentConfig) -> str:
@@ -171,8 +169,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
 
         store_path = run_extraction(cfg, "train").store
     datasets = {"train": train_set, "val": val_set}
-    init_from = Path(cfg.train.init_from) if cfg.train.init_from is not None else None
-    return Prepared(cfg, text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets, init_from)
+    return Prepared(cfg, text_path, store_path, banks["train"]["names"], banks["eval"]["names"], datasets)
 
 
 def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
@@ -207,8 +204,8 @@ def check_worker_inputs(prepared: Prepared) -> None:
         needed[f"{split} images"] = dataset.image_dir
     if prepared.store_path is not None:
         needed["region store manifest"] = prepared.store_path / "manifest.json"
-    if prepared.init_from is not None:
-        needed["train.init_from checkpoint"] = prepared.init_from
+    if prepared.cfg.train.init_from is not None:
+        needed["train.init_from checkpoint"] = Path(prepared.cfg.train.init_from)
     relative = [f"{what}: {path}" for what, path in needed.items() if not Path(path).is_absolute()]
     if relative:
         raise ValueError("training inputs must be absolute paths (load the config with load_config): " + "; ".join(relative))

@@ -215,4 +215,5 @@ def test_init_from_is_absolute_and_checked_on_the_driver(world: World, tmp_path:
     cfg = load_config("experiments/vild_text_shapes", ["train.init_from=runs/a/checkpoint_0000100"])
     assert cfg.train.init_from == str(tmp_path / "runs" / "a" / "checkpoint_0000100")
     with pytest.raises(FileNotFoundError, match=r"train\.init_from checkpoint: .*checkpoint_0000100"):
-        check_worker_inputs(dataclasses.replace(world.prepared, init_from=Path(cfg.train.init_from)))
+        phase = world.prepared.cfg.model_copy(update={"train": cfg.train})
+        check_worker_inputs(dataclasses.replace(world.prepared, cfg=phase))
