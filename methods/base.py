@@ -76,6 +76,18 @@ class Vocabulary:
         return Vocabulary(self.embeddings.detach().to(device, dtype), self.is_novel.to(device), self.names)
 
 
+@dataclass(frozen=True)
+class RegionContext:
+    """What the detector knows of the scored regions besides their features.
+
+    ``objectness`` ``[R]``: the RPN's probability that each proposal is an object (in
+    ``[0, 1]``), given at inference; LP-OVOD and Detic multiply it into the class scores.
+    None when the regions carry none (ground-truth boxes, distillation boxes).
+    """
+
+    objectness: Tensor | None = None
+
+
 @dataclass
 class DistillOutputs:
     """Distillation regions of a batch, after the same pooling/box head/method head as RoIs.
@@ -110,8 +122,19 @@ class Method:
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg
 
-    def build_head(self, in_features: int, embed_dim: int) -> nn.Module:
-        """The trainable classification part: region feature ``[R, in_features]`` -> outputs."""
+    @property
+    def needs_store(self) -> bool:
+        """Whether training reads the region store (stored teacher embeddings of the
+        distillation boxes): the platform extracts it before the loop only then."""
+        return self.distills and float(getattr(self.cfg, "distill_weight", 0.0)) > 0
+
+    def build_head(self, in_features: int, embed_dim: int, classes: Vocabulary | None = None) -> nn.Module:
+        """The trainable classification part: region feature ``[R, in_features]`` -> outputs.
+
+        ``classes`` is the vocabulary the detector is evaluated on (names and which are
+        novel; its embeddings may be placeholders): a method with a parameter per class
+        (LP-OVOD's prototypes) sizes it from there. None where only the proposer is used.
+        """
         raise NotImplementedError(f"{type(self).__name__}.build_head")
 
     def forward_head(self, head: nn.Module, features: Tensor) -> dict[str, Tensor]:
@@ -133,8 +156,11 @@ class Method:
         """Training losses of the sampled RoIs (``labels`` [R]) and the distillation regions."""
         raise NotImplementedError(f"{type(self).__name__}.losses")
 
-    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
-        """``[R, C]`` per-class probabilities used at inference (no background column)."""
+    def scores(
+        self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary, regions: RegionContext | None = None
+    ) -> Tensor:
+        """``[R, C]`` per-class probabilities used at inference (no background column);
+        ``regions`` carries the proposals' objectness when the detector has it."""
         raise NotImplementedError(f"{type(self).__name__}.scores")
 
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:

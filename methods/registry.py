@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "vild-text": "ovdlab.methods.vild:ViLDText",
     "vild": "ovdlab.methods.vild:ViLD",
     "vild-ensemble": "ovdlab.methods.vild:ViLDEnsemble",
+    "lp-ovod": "ovdlab.methods.lp_ovod:LPOVOD",
 }
 
 

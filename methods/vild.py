@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ovdlab.methods.base import DistillOutputs, Method, Vocabulary, anchor_to_graph
+from ovdlab.methods.base import DistillOutputs, Method, RegionContext, Vocabulary, anchor_to_graph
 from ovdlab.platform.config import ExperimentConfig
 from ovdlab.platform.recipes.stages import Stage
 
@@ -61,7 +61,7 @@ class ViLDText(Method):
 
     name = "vild-text"
 
-    def build_head(self, in_features: int, embed_dim: int) -> ViLDHead:
+    def build_head(self, in_features: int, embed_dim: int, classes: Vocabulary | None = None) -> ViLDHead:
         return ViLDHead(in_features, embed_dim, self.cfg.temperature, self.cfg.learn_temperature)
 
     def logits(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
@@ -82,8 +82,11 @@ class ViLDText(Method):
         logits = self.logits(head, head_out, vocab)
         return {"loss_cls": F.cross_entropy(logits.float(), labels)}
 
-    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
-        """Softmax over background + vocabulary, background column dropped."""
+    def scores(
+        self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary, regions: RegionContext | None = None
+    ) -> Tensor:
+        """Softmax over background + vocabulary, background column dropped (ViLD does not
+        use the proposals' objectness)."""
         return F.softmax(self.logits(head, head_out, vocab).float(), dim=-1)[:, 1:]
 
 
@@ -168,12 +171,14 @@ class ViLDEnsemble(ViLD):
     TEXT_WEIGHT_TRAINED = 2.0 / 3.0
     TEXT_WEIGHT_NOVEL = 1.0 / 3.0
 
-    def build_head(self, in_features: int, embed_dim: int) -> ViLDEnsembleHead:
+    def build_head(self, in_features: int, embed_dim: int, classes: Vocabulary | None = None) -> ViLDEnsembleHead:
         return ViLDEnsembleHead(in_features, embed_dim, self.cfg.temperature, self.cfg.learn_temperature)
 
-    def scores(self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
+    def scores(
+        self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary, regions: RegionContext | None = None
+    ) -> Tensor:
         """``p_text^lambda * p_img^(1 - lambda)`` per class, lambda by the class's kind."""
-        p_text = super().scores(head, head_out, vocab)
+        p_text = super().scores(head, head_out, vocab, regions)
         text = F.normalize(vocab.embeddings, dim=-1)
         image = head_out["image_embedding"].float()
         p_image = F.softmax(image @ text.to(image.dtype).t() * head.logit_scale.exp(), dim=-1)

@@ -23,10 +23,10 @@ import copy
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -155,29 +155,62 @@ class ModelConfig(Section):
     embed_dim: int | None = None
 
 
-class MethodConfig(Section):
-    """Which method plugin runs and its loss knobs (see ``methods/``)."""
+class ViLDConfig(Section):
+    """ViLD-text, ViLD and ViLD-ensemble (``methods/vild.py``): softmax temperature and the
+    weight of the image distillation (summed L1, Eq. 3)."""
 
-    name: str = "vild-text"
+    name: Literal["vild-text", "vild", "vild-ensemble"] = "vild-text"
     temperature: float = Field(0.01, gt=0)
     distill_weight: float = Field(0.0, ge=0)
     learn_temperature: bool = False
 
-    @field_validator("name")
-    @classmethod
-    def _implemented(cls, name: str) -> str:
-        """Only names the method registry can build (one list: ``methods/registry.py``).
 
-        Checked here so that a run of an unimplemented method fails before the dataset,
-        teacher and text-bank work, not after it. Imported lazily: the registry imports
-        this module.
-        """
-        from ovdlab.methods.registry import available_methods
+class LPOVODConfig(Section):
+    """LP-OVOD (``methods/lp_ovod.py``, Pham et al. WACV 2024).
 
-        names = available_methods()
-        if name not in names:
-            raise ValueError(f"method {name!r} is not implemented; implemented methods: {', '.join(names)}")
-        return name
+    ``distill_weight`` multiplies the element-wise mean L1 between the image branch and
+    the teacher (mmdet's ``L1Loss(loss_weight=256)``; 256 / D times ViLD's summed form).
+    ``temperature`` is that of the image branch's softmax at test time. ``focal_gamma`` /
+    ``focal_alpha``: the sigmoid focal loss of the prototype logits. ``retrieval_k`` /
+    ``objectness_floor``: the retrieval stage keeps the top K training proposals per
+    novel class among those with objectness >= the floor, the pseudo-labels of the probe.
+    ``probe_iters``: steps of the linear probe (the paper's 12 epochs at COCO scale).
+    """
+
+    name: Literal["lp-ovod"] = "lp-ovod"
+    temperature: float = Field(0.01, gt=0)
+    distill_weight: float = Field(256.0, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    retrieval_k: int = Field(100, ge=1)
+    objectness_floor: float = Field(0.6, ge=0, le=1)
+    probe_iters: int = Field(200, ge=1)
+
+
+METHOD_CONFIGS: tuple[type[Section], ...] = (ViLDConfig, LPOVODConfig)
+"""One config class per method family; its ``name`` Literal lists the methods it configures."""
+
+
+def method_names() -> list[str]:
+    """Every ``method.name`` the config accepts, from the config classes' ``Literal`` tags."""
+    return [name for cls in METHOD_CONFIGS for name in get_args(cls.model_fields["name"].annotation)]
+
+
+def _method_family(value: Any) -> str | None:
+    """The config class of a raw or built ``method`` section, by its name (default
+    ``vild-text``); None for an unknown name, which validation reports."""
+    name = value.get("name", "vild-text") if isinstance(value, dict) else getattr(value, "name", None)
+    return next((cls.__name__ for cls in METHOD_CONFIGS if name in get_args(cls.model_fields["name"].annotation)), None)
+
+
+MethodConfig = Annotated[
+    Union[tuple(Annotated[cls, Tag(cls.__name__)] for cls in METHOD_CONFIGS)],  # type: ignore[valid-type]
+    Discriminator(_method_family),
+]
+"""The ``method`` section: the config class of the method named (a discriminated union,
+so a method's knobs exist only on its own config, and an unknown name or another
+method's knob is an error naming the field). ``methods/registry.py`` maps the same names
+to method classes; a test keeps the two lists equal."""
 
 
 class TrainConfig(Section):
@@ -206,6 +239,13 @@ class TrainConfig(Section):
     An entry matching no parameter is an error. Frozen parameters leave the optimizer and
     their BatchNorm statistics stop updating (``ovdlab.platform.train.freezing``);
     ``model.trainable_layers`` still freezes the lower ResNet layers as before.
+
+    ``pseudo_labels``: a JSON file of pseudo-labelled boxes (LP-OVOD's retrieval stage
+    writes it: ``categories`` and COCO-style ``annotations``). Its classes join the
+    training vocabulary, still marked novel (they never had a ground-truth box), and the
+    phase trains on the images that have a pseudo-label: elsewhere the unlabelled objects
+    of those classes would be taught as background. Boxes are in original pixels and go
+    through the same resize and flip as the image.
     """
 
     vocabulary: Literal["base", "all"] = "base"
@@ -227,6 +267,7 @@ class TrainConfig(Section):
     distill_per_image: int | None = Field(None, ge=1)
     init_from: str | None = None
     freeze: list[str] = Field(default_factory=list)
+    pseudo_labels: str | None = None
 
 
 class EvalConfig(Section):
@@ -288,7 +329,7 @@ class ExperimentConfig(Section):
     proposals: ProposalsConfig = Field(default_factory=ProposalsConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=ViLDConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -401,9 +442,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for item in err.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "<root>"
+        tags = {cls.__name__ for cls in METHOD_CONFIGS}
+        field = ".".join(str(p) for p in item["loc"] if p not in tags) or "<root>"
         if item["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown field")
+        elif item["type"] == "union_tag_not_found":
+            name = item["input"].get("name") if isinstance(item["input"], dict) else item["input"]
+            lines.append(f"{field}.name: {name!r} is not implemented; implemented methods: {', '.join(method_names())}")
         else:
             lines.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
@@ -463,7 +508,8 @@ def resolve_paths(cfg: ExperimentConfig, cwd: Path | None = None) -> ExperimentC
         "proposals": cfg.proposals.model_copy(update={
             "file": absolute_path(cfg.proposals.file, cwd), "checkpoint": absolute_path(cfg.proposals.checkpoint, cwd)}),
         "model": cfg.model.model_copy(update={"backbone_weights": _weights_path(cfg.model.backbone_weights, cwd)}),
-        "train": cfg.train.model_copy(update={"init_from": absolute_path(cfg.train.init_from, cwd)}),
+        "train": cfg.train.model_copy(update={
+            "init_from": absolute_path(cfg.train.init_from, cwd), "pseudo_labels": absolute_path(cfg.train.pseudo_labels, cwd)}),
         "tracking": cfg.tracking.model_copy(update={"uri": uri and absolute_tracking_uri(uri, cwd)}),
     })
 

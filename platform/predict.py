@@ -86,7 +86,7 @@ class Predictor:
         teacher whose weights differ from those used in training gives a warning (the
         text embeddings would not be the ones the detector learned against).
         """
-        from ovdlab.platform.train.loop import build_model
+        from ovdlab.platform.train.loop import build_model, checkpoint_classes
         from ovdlab.platform.train.trainer import load_training_teacher
 
         ckpt = load_model_checkpoint(path, cfg)
@@ -108,7 +108,7 @@ class Predictor:
                 f"{ckpt.path} was trained against {embed_dim}-d text embeddings but teacher "
                 f"{teacher.teacher_id} gives {teacher.embed_dim}-d"
             )
-        model = build_model(ckpt.cfg, embed_dim)
+        model = build_model(ckpt.cfg, embed_dim, checkpoint_classes(ckpt.meta, embed_dim))
         model.load_state_dict(ckpt.state_dict)
         return cls(ckpt.cfg, model.to(dev), teacher, ckpt.meta, ckpt.path)
 

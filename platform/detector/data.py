@@ -86,6 +86,8 @@ class DetectionDataset(Dataset):
         min_size, max_size: ResizeShortestEdge sizes.
         store: optional region store with distillation boxes and teacher embeddings.
         max_distill: cap on distillation boxes per image (None: all).
+        pseudo_labels: extra COCO-style annotations by image id (a probe's
+            pseudo-labels); when given, only the images that have one are used.
     """
 
     def __init__(
@@ -98,13 +100,17 @@ class DetectionDataset(Dataset):
         store: _Store | None = None,
         max_distill: int | None = None,
         flip_prob: float = 0.5,
+        pseudo_labels: dict[int, list[dict[str, Any]]] | None = None,
     ) -> None:
         if len(set(class_ids)) != len(class_ids) or not class_ids:
             raise ValueError(f"class_ids must be a non-empty list without duplicates, got {list(class_ids)}")
         self.dataset = dataset
         self.class_ids = [int(c) for c in class_ids]
         self.label_of = {cid: i + 1 for i, cid in enumerate(self.class_ids)}
-        self.image_ids = list(dataset.image_ids)
+        self.pseudo_labels = pseudo_labels
+        self.image_ids = [i for i in dataset.image_ids if pseudo_labels is None or i in pseudo_labels]
+        if pseudo_labels is not None and not self.image_ids:
+            raise ValueError("no image of the dataset has a pseudo-label")
         self.train = train
         self.min_size = min_size
         self.max_size = max_size
@@ -116,9 +122,10 @@ class DetectionDataset(Dataset):
         return len(self.image_ids)
 
     def ground_truth(self, image_id: int, height: int, width: int) -> tuple[Tensor, Tensor]:
-        """Boxes xyxy and labels of the vocabulary's non-crowd annotations."""
+        """Boxes xyxy and labels of the vocabulary's non-crowd annotations (and pseudo-labels)."""
         boxes, labels = [], []
-        for ann in self.dataset.annotations(image_id):
+        pseudo = self.pseudo_labels.get(image_id, []) if self.pseudo_labels is not None else []
+        for ann in [*self.dataset.annotations(image_id), *pseudo]:
             label = self.label_of.get(int(ann["category_id"]))
             if label is None or ann.get("iscrowd", 0):
                 continue

@@ -170,11 +170,11 @@ class OVDDetector(nn.Module):
             self._check_targets(images, targets)
         image_list = self.preprocess(images)
         features = self.backbone(image_list.tensors)
-        proposals, _, rpn_losses = self.rpn.propose(image_list, features, targets if self.training else None)
+        proposals, objectness, rpn_losses = self.rpn.propose(image_list, features, targets if self.training else None)
         if self.training:
             roi_losses = self.roi_heads.forward_train(features, proposals, image_list.image_sizes, vocab, targets)
             return {**rpn_losses, **roi_losses}
-        return self.roi_heads.forward_eval(features, proposals, image_list.image_sizes, vocab)
+        return self.roi_heads.forward_eval(features, proposals, image_list.image_sizes, vocab, objectness)
 
     @torch.no_grad()
     def proposals_only(self, images: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
@@ -194,8 +194,12 @@ class OVDDetector(nn.Module):
         return list(zip(boxes, scores))
 
 
-def build_detector(model_cfg: ModelConfig, method: Method, embed_dim: int) -> OVDDetector:
-    """Backbone + RPN + OVD RoI heads from the config; ``embed_dim`` = text bank width."""
+def build_detector(
+    model_cfg: ModelConfig, method: Method, embed_dim: int, classes: Vocabulary | None = None
+) -> OVDDetector:
+    """Backbone + RPN + OVD RoI heads from the config; ``embed_dim`` = text bank width,
+    ``classes`` the evaluation vocabulary a per-class method head sizes itself by
+    (:meth:`Method.build_head`)."""
     if model_cfg.embed_dim is not None and model_cfg.embed_dim != embed_dim:
         raise ValueError(
             f"model.embed_dim={model_cfg.embed_dim} differs from the text bank's dimension {embed_dim}; "
@@ -233,6 +237,7 @@ def build_detector(model_cfg: ModelConfig, method: Method, embed_dim: int) -> OV
         method,
         embed_dim,
         batch_size_per_image=model_cfg.roi_batch_size_per_image,
+        classes=classes,
         score_thresh=eval_defaults.score_thresh,
         nms_thresh=eval_defaults.nms_thresh,
         detections_per_image=eval_defaults.detections_per_image,

@@ -24,7 +24,7 @@ from torchvision.models.detection import _utils as det_utils
 from torchvision.ops import RoIAlign
 from torchvision.ops import boxes as box_ops
 
-from ovdlab.methods.base import DistillOutputs, Method, Vocabulary
+from ovdlab.methods.base import DistillOutputs, Method, RegionContext, Vocabulary
 from ovdlab.platform.detector.backbone import C4_POOL_SIZE, C4_STRIDE
 
 
@@ -55,6 +55,7 @@ class OVDRoIHeads(nn.Module):
         method: Method,
         embed_dim: int,
         batch_size_per_image: int,
+        classes: Vocabulary | None = None,
         positive_fraction: float = 0.25,
         fg_iou_thresh: float = 0.5,
         bg_iou_thresh: float = 0.5,
@@ -67,7 +68,7 @@ class OVDRoIHeads(nn.Module):
         self.box_pool = box_pool
         self.box_head = box_head
         self.method = method
-        self.method_head = method.build_head(representation, embed_dim)
+        self.method_head = method.build_head(representation, embed_dim, classes)
         self.box_predictor = nn.Linear(representation, 4)
         nn.init.normal_(self.box_predictor.weight, std=0.001)
         nn.init.zeros_(self.box_predictor.bias)
@@ -175,11 +176,14 @@ class OVDRoIHeads(nn.Module):
         proposals: list[Tensor],
         image_sizes: list[tuple[int, int]],
         vocab: Vocabulary,
+        objectness: list[Tensor] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Class-agnostic decode, method scores, threshold, per-class NMS, top-k."""
+        """Class-agnostic decode, method scores (given the proposals' ``objectness`` per
+        image, when known), threshold, per-class NMS, top-k."""
         rep = self.box_head(self.box_pool(features, proposals, image_sizes))
         head_out = self.method.forward_head(self.method_head, rep)
-        scores = self.method.scores(self.method_head, head_out, vocab).float()
+        regions = RegionContext(torch.cat(objectness).float() if objectness is not None else None)
+        scores = self.method.scores(self.method_head, head_out, vocab, regions).float()
         deltas = self.box_predictor(rep).float()
         boxes = self.box_coder.decode(deltas, proposals).reshape(-1, 4)
         embedding = head_out.get("embedding")

@@ -193,8 +193,15 @@ def teacher_checkpoint(cfg: ExperimentConfig) -> Path | None:
 
 
 def plan_extraction(cfg: ExperimentConfig, split: str = "train") -> ExtractionPlan:
-    """Resolve dataset, teacher (for its digest), proposal source and the stage key."""
+    """Resolve dataset, teacher (for its digest), proposal source and the stage key.
+
+    ``model.backbone_weights: base-crops`` is resolved to its file first (an RPN proposal
+    source builds the detector), so every caller plans the same store.
+    """
+    from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
+
     ensure_dataset(cfg)
+    cfg = resolve_backbone_weights(cfg)
     dataset = load_dataset(cfg, split)  # type: ignore[arg-type]
     checkpoint = teacher_checkpoint(cfg)
     teacher = load_teacher(cfg.teacher, cfg.work_path(), "cpu", checkpoint=checkpoint)

@@ -80,8 +80,15 @@ class RecipeResult:
 
 def stage_config(stage: Stage, experiment: str, overrides: Sequence[str], outputs: dict[str, str] | None = None) -> ExperimentConfig:
     """The stage's config: its experiment (the job's by default), the job's overrides, its
-    own, then (when ``outputs`` is given) every ``reads`` key bound to that stage's output."""
+    own, then (when ``outputs`` is given) every ``reads`` key bound to that stage's output.
+
+    A stage running another experiment (ViLD-text's training as LP-OVOD's proposal
+    detector) takes the job's overrides except ``method.*``: those configure the job's
+    method, which that stage does not run.
+    """
     bound = [f"{key}={outputs[source]}" for key, source in stage.reads.items()] if outputs is not None else []
+    if stage.experiment is not None:
+        overrides = [o for o in overrides if not o.strip().startswith("method.")]
     return load_config(stage.experiment or experiment, [*overrides, *stage.overrides, *bound])
 
 

@@ -271,18 +271,50 @@ def load_text_banks(path: str | Path) -> dict[str, dict[str, Any]]:
     return banks
 
 
-def build_model(cfg: ExperimentConfig, embed_dim: int) -> OVDDetector:
+def build_model(cfg: ExperimentConfig, embed_dim: int, classes: Vocabulary | None = None) -> OVDDetector:
     """The detector with the configured method's head (vocabulary not yet set).
 
-    ``model.backbone_weights: base-crops`` becomes its cached file here too (the driver
-    normally resolved it already), so a config loaded by hand builds the same model.
+    ``classes``: the evaluation vocabulary (names, novel mask), which a method head with
+    a parameter per class sizes itself by. ``model.backbone_weights: base-crops`` becomes
+    its cached file here too (the driver normally resolved it already), so a config
+    loaded by hand builds the same model.
     """
-    return build_detector(resolve_backbone_weights(cfg).model, build_method(cfg.method), embed_dim)
+    return build_detector(resolve_backbone_weights(cfg).model, build_method(cfg.method), embed_dim, classes)
+
+
+def banks_vocabularies(banks: dict[str, Any]) -> tuple[Vocabulary, Vocabulary]:
+    """(training, evaluation) vocabularies of the driver's text banks.
+
+    A class of the training bank listed under ``pseudo`` is trained from pseudo-labels
+    only (``train.pseudo_labels``): it stays novel in both vocabularies, since it never
+    had a ground-truth box. Every other training class is known; any other evaluation
+    class is novel.
+    """
+    pseudo = set(banks["train"].get("pseudo", []))
+    names = list(banks["train"]["names"])
+    train = Vocabulary(banks["train"]["embeddings"].float(), torch.tensor([n in pseudo for n in names]), tuple(names))
+    known = [n for n in names if n not in pseudo]
+    return train, Vocabulary.against(banks["eval"]["embeddings"].float(), banks["eval"]["names"], known)
+
+
+def checkpoint_classes(meta: dict[str, Any], embed_dim: int) -> Vocabulary | None:
+    """The evaluation classes a checkpoint's model was built with (placeholder embeddings),
+    from its ``eval_classes`` and ``train_classes`` (the known ones); None in older
+    checkpoints without them."""
+    names = list(meta.get("eval_classes", []))
+    if not names:
+        return None
+    return Vocabulary.against(torch.zeros(len(names), embed_dim), names, list(meta.get("train_classes", [])))
 
 
 def _train_loader(
     cfg: ExperimentConfig, dataset: OVDDataset, class_ids: list[int], store_path: str | None, session: Session
 ) -> tuple[DataLoader, DistributedSampler]:
+    pseudo = None
+    if cfg.train.pseudo_labels is not None:
+        from ovdlab.platform.data.pseudo_labels import load_pseudo_labels
+
+        pseudo = load_pseudo_labels(cfg.train.pseudo_labels).by_image
     store = None
     if store_path is not None:
         from ovdlab.platform.store.reader import RegionStore
@@ -290,7 +322,7 @@ def _train_loader(
         store = RegionStore(store_path)
     data = DetectionDataset(
         dataset, class_ids, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
-        store=store, max_distill=cfg.train.distill_per_image,
+        store=store, max_distill=cfg.train.distill_per_image, pseudo_labels=pseudo,
     )
     if cfg.train.batch_size % session.world_size:
         raise ValueError(
@@ -374,12 +406,14 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     tracker = args.tracker if rank0 else None
 
     banks = load_text_banks(args.text_path)
-    train_text = banks["train"]["embeddings"].float()
-    raw = build_model(cfg, int(train_text.shape[1]))
-    raw.set_vocabulary(Vocabulary.trained(train_text, banks["train"]["names"]))
+    train_vocab, eval_vocab = banks_vocabularies(banks)
+    embed_dim = int(train_vocab.embeddings.shape[1])
+    raw = build_model(cfg, embed_dim, eval_vocab)
+    raw.set_vocabulary(train_vocab)
     meta = {
-        "embed_dim": int(train_text.shape[1]),
-        "train_classes": list(banks["train"]["names"]),
+        "embed_dim": embed_dim,
+        "train_classes": [n for n, novel in zip(train_vocab.names, train_vocab.is_novel.tolist()) if not novel],
+        "pseudo_classes": [n for n, novel in zip(train_vocab.names, train_vocab.is_novel.tolist()) if novel],
         "eval_classes": list(banks["eval"]["names"]),
         "teacher_id": str(banks.get("teacher_id", "")),
         "teacher_digest": str(banks.get("teacher_digest", "")),
@@ -410,7 +444,6 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     base_ids = [int(i) for i in banks["train"]["class_ids"]]
     loader, sampler = _train_loader(cfg, train_set, base_ids, args.store_path, session)
     val_set = load_dataset(cfg, "val") if rank0 else None
-    eval_vocab = Vocabulary.against(banks["eval"]["embeddings"].float(), banks["eval"]["names"], banks["train"]["names"])
 
     batches = _batches(loader, sampler, epoch=start // max(1, len(loader)))
     params = [p for p in raw.parameters() if p.requires_grad]

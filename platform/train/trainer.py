@@ -153,8 +153,18 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
     teacher, teacher_file = load_training_teacher(cfg)
     cache = cfg.work_path("text_banks")
     recipe = cfg.teacher.prompt
+    train_bank = _bank_entry(teacher, train_set, train_ids, recipe, cache)
+    pseudo_ids = pseudo_label_classes(cfg, val_set, train_ids)
+    if pseudo_ids:
+        pseudo = _bank_entry(teacher, val_set, pseudo_ids, recipe, cache)
+        train_bank = {
+            "names": train_bank["names"] + pseudo["names"],
+            "class_ids": train_bank["class_ids"] + pseudo["class_ids"],
+            "embeddings": torch.cat([train_bank["embeddings"], pseudo["embeddings"]]),
+        }
+    train_bank["pseudo"] = train_bank["names"][len(train_ids):]
     banks = {
-        "train": _bank_entry(teacher, train_set, train_ids, recipe, cache),
+        "train": train_bank,
         "eval": _bank_entry(teacher, val_set, list(val_set.category_ids), recipe, cache),
         "teacher_id": teacher.teacher_id,
         "teacher_digest": teacher.digest,
@@ -164,7 +174,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
     text_path = run_dir / TEXT_BANKS
     torch.save(banks, text_path)
     store_path = None
-    if build_method(cfg.method).distills and cfg.method.distill_weight > 0:
+    if build_method(cfg.method).needs_store:
         from ovdlab.platform.pipelines.extract import run_extraction
 
         store_path = run_extraction(cfg, "train").store
@@ -191,6 +201,22 @@ def training_classes(cfg: ExperimentConfig, train_set: OVDDataset) -> list[int]:
     return list(train_set.category_ids)
 
 
+def pseudo_label_classes(cfg: ExperimentConfig, val_set: OVDDataset, train_ids: list[int]) -> list[int]:
+    """Category ids that ``train.pseudo_labels`` adds to the training vocabulary (none
+    without a file): its classes, which must be evaluated categories (the validation
+    file lists every class) not already trained with ground-truth boxes."""
+    if cfg.train.pseudo_labels is None:
+        return []
+    from ovdlab.platform.data.pseudo_labels import load_pseudo_labels
+
+    labels = load_pseudo_labels(cfg.train.pseudo_labels)
+    unknown = sorted(set(labels.categories) - set(val_set.category_ids))
+    if unknown:
+        raise ValueError(f"train.pseudo_labels={cfg.train.pseudo_labels} names category ids {unknown} "
+                         f"that {val_set.ann_json} does not have")
+    return [cid for cid in val_set.category_ids if cid in labels.categories and cid not in train_ids]
+
+
 def check_worker_inputs(prepared: Prepared) -> None:
     """Every file a training worker reads exists and is named by an absolute path.
 
@@ -206,6 +232,8 @@ def check_worker_inputs(prepared: Prepared) -> None:
         needed["region store manifest"] = prepared.store_path / "manifest.json"
     if prepared.cfg.train.init_from is not None:
         needed["train.init_from checkpoint"] = Path(prepared.cfg.train.init_from)
+    if prepared.cfg.train.pseudo_labels is not None:
+        needed["train.pseudo_labels file"] = Path(prepared.cfg.train.pseudo_labels)
     relative = [f"{what}: {path}" for what, path in needed.items() if not Path(path).is_absolute()]
     if relative:
         raise ValueError("training inputs must be absolute paths (load the config with load_config): " + "; ".join(relative))

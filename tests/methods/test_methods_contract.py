@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ovdlab.methods.base import DistillOutputs, Vocabulary
+from ovdlab.methods.base import DistillOutputs, RegionContext, Vocabulary
 from ovdlab.methods.registry import available_methods, build_method
-from ovdlab.platform.config import MethodConfig, load_config
+from ovdlab.platform.config import load_config
 from ovdlab.platform.recipes.stages import check_recipe
 
 IN_FEATURES, EMBED, CLASSES, ROIS, REGIONS = 12, 8, 5, 7, 4
@@ -17,10 +17,15 @@ IN_FEATURES, EMBED, CLASSES, ROIS, REGIONS = 12, 8, 5, 7, 4
 
 @pytest.mark.parametrize("name", available_methods())
 def test_every_method_builds_trains_and_scores(name):
+    """Build (sized by the evaluation classes), forward, losses with distillation, backward,
+    logits, then scores against a grown vocabulary with and without the proposals'
+    objectness: one column per class, probabilities in [0, 1]."""
     torch.manual_seed(0)
-    method = build_method(MethodConfig(name=name, distill_weight=0.5))
-    head = method.build_head(IN_FEATURES, EMBED)
-    vocab = Vocabulary.trained(F.normalize(torch.randn(CLASSES, EMBED), dim=1))
+    method = build_method(load_config(None, [f"method.name={name}", "method.distill_weight=0.5"]).method)
+    names = [f"c{i}" for i in range(CLASSES + 3)]
+    grown = Vocabulary.against(F.normalize(torch.randn(CLASSES + 3, EMBED), dim=1), names, names[:CLASSES])
+    head = method.build_head(IN_FEATURES, EMBED, grown)
+    vocab = Vocabulary.trained(F.normalize(torch.randn(CLASSES, EMBED), dim=1), names[:CLASSES])
     out = method.forward_head(head, torch.randn(ROIS, IN_FEATURES))
     assert all(v.shape[0] == ROIS for v in out.values())
     distill = None
@@ -33,12 +38,11 @@ def test_every_method_builds_trains_and_scores(name):
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     assert method.logits(head, out, vocab).shape == (ROIS, 1 + CLASSES)
-    # At evaluation the vocabulary grows (base + novel): scores follow it, one column per class.
-    grown = Vocabulary.against(F.normalize(torch.randn(CLASSES + 3, EMBED), dim=1),
-                               [f"c{i}" for i in range(CLASSES + 3)], [f"c{i}" for i in range(CLASSES)])
     with torch.no_grad():
-        scores = method.scores(head, method.forward_head(head, torch.randn(ROIS, IN_FEATURES)), grown)
-    assert scores.shape == (ROIS, CLASSES + 3) and (scores >= 0).all() and (scores <= 1).all()
+        test_out = method.forward_head(head, torch.randn(ROIS, IN_FEATURES))
+        for regions in (None, RegionContext(torch.rand(ROIS))):
+            scores = method.scores(head, test_out, grown, regions)
+            assert scores.shape == (ROIS, CLASSES + 3) and (scores >= 0).all() and (scores <= 1).all()
 
 
 @pytest.mark.parametrize("name", available_methods())

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ovdlab.methods.base import DistillOutputs, Method, Vocabulary
 from ovdlab.methods.registry import available_methods, build_method
 from ovdlab.methods.vild import ViLD, ViLDEnsemble, ViLDText
-from ovdlab.platform.config import MethodConfig
+from ovdlab.platform.config import ViLDConfig
 
 
 def unit(*rows: list[float]) -> torch.Tensor:
@@ -29,7 +29,7 @@ def hand_made_head(method: Method) -> torch.nn.Module:
 
 
 def test_logits_are_cosines_over_temperature_with_background_first():
-    method = ViLDText(MethodConfig(name="vild-text", temperature=0.05))
+    method = ViLDText(ViLDConfig(name="vild-text", temperature=0.05))
     head = hand_made_head(method)
     out = method.forward_head(head, torch.tensor([[2.0, 0.0], [0.0, 5.0]]))
     assert torch.allclose(out["embedding"], unit([1.0, 0.0], [0.0, 1.0]))
@@ -46,11 +46,11 @@ def test_logits_are_cosines_over_temperature_with_background_first():
 
 
 def test_temperature_is_a_buffer_unless_learned():
-    fixed = ViLDText(MethodConfig(temperature=0.01)).build_head(4, 3)
+    fixed = ViLDText(ViLDConfig(temperature=0.01)).build_head(4, 3)
     assert all(p.numel() != 1 for p in fixed.parameters())
     assert fixed.temperature.item() == pytest.approx(0.01)
     assert "logit_scale" in fixed.state_dict()  # recorded in checkpoints either way
-    learned_method = ViLDText(MethodConfig(temperature=0.01, learn_temperature=True))
+    learned_method = ViLDText(ViLDConfig(temperature=0.01, learn_temperature=True))
     learned = learned_method.build_head(4, 3)
     assert learned.logit_scale.requires_grad
     out = learned_method.forward_head(learned, torch.randn(5, 4))
@@ -60,7 +60,7 @@ def test_temperature_is_a_buffer_unless_learned():
 
 
 def test_text_loss_is_cross_entropy_with_background_label_zero():
-    method = ViLDText(MethodConfig(temperature=0.1))
+    method = ViLDText(ViLDConfig(temperature=0.1))
     head = hand_made_head(method)
     out = method.forward_head(head, torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
     text = Vocabulary.trained(unit([1.0, 0.0], [0.0, 1.0]))
@@ -74,7 +74,7 @@ def test_text_loss_is_cross_entropy_with_background_label_zero():
 
 
 def test_vild_image_loss_is_weighted_l1_summed_over_d_and_averaged_over_boxes():
-    method = ViLD(MethodConfig(name="vild", distill_weight=0.5))
+    method = ViLD(ViLDConfig(name="vild", distill_weight=0.5))
     head = hand_made_head(method)
     rois = method.forward_head(head, torch.tensor([[1.0, 0.0]]))
     regions = method.forward_head(head, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
@@ -87,7 +87,7 @@ def test_vild_image_loss_is_weighted_l1_summed_over_d_and_averaged_over_boxes():
 
 
 def test_vild_image_loss_without_boxes_is_zero_but_keeps_the_graph():
-    method = ViLD(MethodConfig(name="vild", distill_weight=1.0))
+    method = ViLD(ViLDConfig(name="vild", distill_weight=1.0))
     head = method.build_head(3, 2)
     rois = method.forward_head(head, torch.randn(4, 3))
     empty = method.forward_head(head, torch.zeros(0, 3))
@@ -97,20 +97,20 @@ def test_vild_image_loss_without_boxes_is_zero_but_keeps_the_graph():
 
 
 def test_registry_builds_by_name_and_names_what_exists():
-    assert isinstance(build_method(MethodConfig(name="vild-text")), ViLDText)
-    vild = build_method(MethodConfig(name="vild", distill_weight=0.5))
+    assert isinstance(build_method(ViLDConfig(name="vild-text")), ViLDText)
+    vild = build_method(ViLDConfig(name="vild", distill_weight=0.5))
     assert isinstance(vild, ViLD) and vild.distills and vild.cfg.distill_weight == 0.5
-    assert not build_method(MethodConfig(name="vild-text")).distills
+    assert not build_method(ViLDConfig(name="vild-text")).distills
     assert {"vild", "vild-text"} <= set(available_methods())
     for name in ("cliff", "no-such-method"):
         if name in available_methods():
             continue
         with pytest.raises(NotImplementedError, match="available methods: .*vild"):
-            build_method(MethodConfig.model_construct(name=name))
+            build_method(ViLDConfig.model_construct(name=name))
 
 
 def test_ensemble_branches_take_one_loss_each():
-    method = ViLDEnsemble(MethodConfig(name="vild-ensemble", distill_weight=0.5))
+    method = ViLDEnsemble(ViLDConfig(name="vild-ensemble", distill_weight=0.5))
     head = method.build_head(3, 2)
     rois = method.forward_head(head, torch.randn(4, 3))
     regions = method.forward_head(head, torch.randn(2, 3))
@@ -127,7 +127,7 @@ def test_ensemble_branches_take_one_loss_each():
 
 
 def test_ensemble_scores_are_geometric_means_weighted_by_kind():
-    method = ViLDEnsemble(MethodConfig(name="vild-ensemble", temperature=0.5))
+    method = ViLDEnsemble(ViLDConfig(name="vild-ensemble", temperature=0.5))
     head = method.build_head(2, 2)
     with torch.no_grad():
         head.projection.weight.copy_(torch.eye(2))

@@ -163,14 +163,34 @@ def test_defaults_must_be_a_list_of_names(tmp_path):
 
 
 def test_method_name_must_be_implemented_before_any_work():
-    """One list of names: the registry's. ``lp-ovod`` was accepted and failed after the data work."""
+    """The config's method names are the registry's: an unknown name fails at load, naming
+    the field and the implemented methods (``lp-ovod`` was once accepted and failed after
+    the data work)."""
     from ovdlab.methods.registry import available_methods
+    from ovdlab.platform.config import method_names
 
-    with pytest.raises(ConfigError, match=r"method\.name: .*'lp-ovod' is not implemented; implemented methods: "
-                                          + ", ".join(available_methods())):
-        load_config(None, ["method.name=lp-ovod"])
+    assert sorted(method_names()) == available_methods()
+    with pytest.raises(ConfigError, match=r"method\.name: 'cliff' is not implemented; implemented methods: "
+                                          + ", ".join(method_names())):
+        load_config(None, ["method.name=cliff"])
     for name in available_methods():
         assert load_config(None, [f"method.name={name}"]).method.name == name
+
+
+def test_each_method_has_its_own_config_class():
+    """A method's knobs exist only on its own config: LP-OVOD's retrieval K is an unknown
+    field of ViLD's, and each method gets its defaults."""
+    from ovdlab.platform.config import LPOVODConfig, ViLDConfig
+
+    lp = load_config(None, ["method.name=lp-ovod", "method.retrieval_k=7"])
+    assert isinstance(lp.method, LPOVODConfig) and lp.method.retrieval_k == 7 and lp.method.distill_weight == 256.0
+    assert isinstance(load_config(None).method, ViLDConfig)
+    with pytest.raises(ConfigError, match=r"method\.retrieval_k: unknown field"):
+        load_config(None, ["method.retrieval_k=7"])
+    with pytest.raises(ConfigError, match=r"method\.objectness_floor: "):
+        load_config(None, ["method.name=lp-ovod", "method.objectness_floor=2"])
+    round_trip = build_config(lp.model_dump(mode="json"))
+    assert round_trip.method == lp.method and round_trip.content_hash() == lp.content_hash()
 
 
 @pytest.mark.parametrize("uri", ["ftp://host/mlflow", "file:///tmp/mlruns", "postgresql://db/mlflow", "http://"])

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ovdlab.methods.base import Vocabulary
 from ovdlab.methods.registry import build_method
-from ovdlab.platform.config import EvalConfig, MethodConfig, ModelConfig
+from ovdlab.platform.config import EvalConfig, ViLDConfig, ModelConfig
 from ovdlab.platform.detector import build_detector, detections_to_coco, predict_images, propose_images
 from ovdlab.platform.detector.data import image_to_tensor
 from ovdlab.platform.detector.transforms import resize
@@ -30,7 +30,7 @@ def one_thread():
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(fpn_channels=16, representation_size=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=30)
-    det = build_detector(cfg, build_method(MethodConfig(name="vild-text")), EMBED)
+    det = build_detector(cfg, build_method(ViLDConfig(name="vild-text")), EMBED)
     det.set_vocabulary(Vocabulary.trained(F.normalize(torch.randn(3, EMBED), dim=1)))
     return det
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from ovdlab.methods.registry import build_method
-from ovdlab.platform.config import MethodConfig, ModelConfig
+from ovdlab.platform.config import ViLDConfig, ModelConfig
 from ovdlab.platform.detector.model import build_detector
 from ovdlab.platform.proposals import RPNProposalSource
 
 MODEL = ModelConfig(backbone="resnet18", neck="fpn", fpn_channels=16, min_size=64, max_size=96, rpn_post_nms_top_n=50)
-METHOD = MethodConfig(name="vild-text")
+METHOD = ViLDConfig(name="vild-text")
 EMBED_DIM = 8
 
 
