@@ -18,13 +18,18 @@ Rows (configs/experiments/<method>_shapes.yaml):
 - ``vild``: plus L1 distillation of the teacher's crop embeddings of RPN proposals; its
   recipe's first stage, the proposal detector, is the ViLD-text training of the same
   seed (its RPN never saw a novel box), which the recipe runner reuses;
+- ``vild-ensemble``: ViLD's distillation in a separate image branch, the two branches'
+  probabilities combined at test time;
+- ``lp-ovod``: prototypes with focal loss and an image branch distilled on the same
+  proposals, then retrieval of pseudo-labels for the novel classes and a linear probe of
+  their prototypes; ``lp-ovod w/o probe`` is its base stage, evaluated before the probe;
 - ``oracle``: ViLD-text trained with the novel boxes too -- the ceiling, not a method.
 
 Columns: AP50 of the held-out concept (``novel_concept``: stars, a shape no base box
 shows), of the compositional novel pairs (``novel_comp``), of all novel, base and all
-classes, and the wall minutes of each method's own training stage (including Ray
-start-up and, for ViLD, its proposal extraction; a reused stage reports the minutes it
-took when it ran). The last checkpoint of every run is reported: nothing is
+classes, and the wall minutes of each method's own stages (including Ray start-up and
+the proposal extraction; not the proposal detector borrowed from ViLD-text; a reused
+stage reports the minutes it took when it ran). The last checkpoint of every run is reported: nothing is
 selected on the evaluation split.
 """
 
@@ -54,6 +59,8 @@ COLUMNS = {
     "ap50_all": "AP50 all",
     "train_minutes": "train min",
 }
+STAGE_ROWS = {"lp-ovod": ("base", "lp-ovod w/o probe")}
+"""Rows of an earlier train stage of a recipe: method -> (stage name, row name)."""
 PICTURE_FROM = ("vild", "vild-text")
 """The run whose detections the demo draws: the first of these that ran (last seed)."""
 
@@ -90,10 +97,16 @@ def _ordered(methods: list[str]) -> list[str]:
     return sorted(methods, key=lambda m: (m != "vild-text", m == ORACLE, m))
 
 
-def headline(metrics: dict[str, float]) -> str:
-    """``AP50 novel .. | base .. | all ..`` and the novel kinds, as every training prints it."""
-    kinds = "".join(f" | {k[len('ap50_'):]} {metrics[k]:.1f}" for k in ("ap50_novel_comp", "ap50_novel_concept") if k in metrics)
-    return f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
+def own_minutes(result: RecipeResult, until: str | None = None) -> float:
+    """Minutes of the recipe's own stages (not those running another experiment, like a
+    borrowed proposal detector), up to and including stage ``until`` (default: all)."""
+    total = 0.0
+    for stage, spec in zip(result.stages, result.recipe):
+        if spec.experiment is None:
+            total += stage.seconds
+        if stage.name == until:
+            break
+    return total / 60
 
 
 def draw_showcase(
@@ -124,18 +137,22 @@ def main(argv: list[str]) -> int:
     print(f"runs: {', '.join(methods)} x seeds {args.seeds}; outputs under {first.work_dir}", flush=True)
 
     done: dict[tuple[str, int], RecipeResult] = {}
-    rows: dict[str, list[dict[str, float]]] = {m: [] for m in methods}
+    rows: dict[str, list[dict[str, float]]] = {}
+    for method in methods:
+        rows[method] = []
+        if method in STAGE_ROWS:
+            rows[STAGE_ROWS[method][1]] = []
     for seed in args.seeds:
         for method in methods:
             print(f"\n=== {method}, seed {seed} ({len(done) + 1}/{len(methods) * len(args.seeds)}) ===", flush=True)
             result = run_recipe(experiment(method), [*args.overrides, f"seed={seed}"])
             done[(method, seed)] = result
-            rows[method].append({**result.metrics, "train_minutes": result.final.seconds / 60})
-            for stage in result.stages:
-                how = "reused" if stage.skipped else f"{stage.seconds / 60:.1f} min"
-                print(f"stage {stage.name} ({stage.kind}): {how} -> {stage.output}")
-            print(headline(result.metrics))
-            print(f"final checkpoint: {result.checkpoint}; MLflow job run {result.parent_run_id}", flush=True)
+            rows[method].append({**result.metrics, "train_minutes": own_minutes(result)})
+            if method in STAGE_ROWS:
+                stage, row = STAGE_ROWS[method]
+                found = next(r for r in result.stages if r.name == stage)
+                rows[row].append({**found.metrics, "train_minutes": own_minutes(result, stage)})
+            print("\n".join(result.report_lines()), flush=True)
 
     table = format_comparison(rows, COLUMNS)
     out = Path(first.work_dir) / "comparison.md"

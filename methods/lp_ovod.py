@@ -31,6 +31,7 @@ templates discarded (``teacher.prompt: names`` is the bare-name recipe, by choic
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,9 @@ from torchvision.ops import sigmoid_focal_loss
 
 from ovdlab.methods.base import DistillOutputs, Method, RegionContext, Vocabulary, anchor_to_graph
 from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.data.pseudo_labels import PseudoLabels, write_pseudo_labels
 from ovdlab.platform.recipes.stages import Stage
+from ovdlab.platform.store.retrieval import Retrieved
 
 NOVEL_TEXT_POWER = 0.8
 """``s_img^(1 - 0.8) * s_text^0.8`` for novel classes (Sec. 3.4)."""
@@ -150,6 +153,10 @@ class LPOVOD(Method):
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
         """Base training -> retrieval of pseudo-labels -> linear probe.
 
+        The probe keeps the experiment's ``train.max_iter`` (the paper probes for as many
+        epochs as the base training, 12) at a constant ``lr`` 0.001 without warmup, with
+        every part but the novel prototypes frozen and no distillation.
+
         With RPN proposals and no ``proposals.checkpoint``, the proposals (distillation
         targets and retrieval candidates, with their objectness) come from the RPN of a
         detector trained on base boxes first, ViLD-text's training of the same dataset,
@@ -163,7 +170,6 @@ class LPOVOD(Method):
         probe = (
             "method.distill_weight=0",
             f"train.lr={PROBE_LR}",
-            f"train.max_iter={cfg.method.probe_iters}",
             "train.steps=[]",
             "train.warmup_iters=0",
             f"train.freeze=[{','.join(PROBE_FROZEN)}]",
@@ -186,7 +192,6 @@ def retrieve_pseudo_labels(cfg: ExperimentConfig, out_dir: Path) -> Path:
     detector was trained with.
     """
     from ovdlab.platform.data.catalog import load_dataset
-    from ovdlab.platform.data.pseudo_labels import PseudoLabels, write_pseudo_labels
     from ovdlab.platform.pipelines.extract import run_extraction
     from ovdlab.platform.store.reader import RegionStore
     from ovdlab.platform.store.retrieval import retrieve_topk
@@ -202,16 +207,26 @@ def retrieve_pseudo_labels(cfg: ExperimentConfig, out_dir: Path) -> Path:
     store_path = run_extraction(cfg, "train").store
     found = retrieve_topk(RegionStore(store_path), text.float().numpy(), k=cfg.method.retrieval_k,
                           min_score=cfg.method.objectness_floor)
-    by_image: dict[int, list[dict]] = {}
-    for (cid, _), hits in zip(novel, found):
-        for hit in hits:
+    source = {"store": str(store_path), "k": cfg.method.retrieval_k, "objectness_floor": cfg.method.objectness_floor}
+    return write_pseudo_labels(pseudo_labels_from_hits(novel, found, source), out_dir / "pseudo_labels.json")
+
+
+def pseudo_labels_from_hits(
+    classes: list[tuple[int, str]], hits: list[list[Retrieved]], source: dict[str, Any]
+) -> PseudoLabels:
+    """Each class's retrieved regions as COCO boxes (xywh, original pixels) of that class;
+    an empty box is dropped. ``source`` gains the count kept per class."""
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    kept: dict[str, int] = {}
+    for (cid, name), found in zip(classes, hits):
+        kept[name] = 0
+        for hit in found:
             x1, y1, x2, y2 = (float(v) for v in hit.box)
             if x2 <= x1 or y2 <= y1:
                 continue
+            kept[name] += 1
             by_image.setdefault(hit.image_id, []).append({
                 "image_id": hit.image_id, "category_id": cid, "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "score": hit.score, "similarity": hit.similarity,
             })
-    source = {"store": str(store_path), "k": cfg.method.retrieval_k, "objectness_floor": cfg.method.objectness_floor,
-              "per_class": {name: len(hits) for (_, name), hits in zip(novel, found)}}
-    return write_pseudo_labels(PseudoLabels(dict(novel), by_image, source), out_dir / "pseudo_labels.json")
+    return PseudoLabels(dict(classes), by_image, {**source, "per_class": kept})

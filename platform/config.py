@@ -174,7 +174,6 @@ class LPOVODConfig(Section):
     ``focal_alpha``: the sigmoid focal loss of the prototype logits. ``retrieval_k`` /
     ``objectness_floor``: the retrieval stage keeps the top K training proposals per
     novel class among those with objectness >= the floor, the pseudo-labels of the probe.
-    ``probe_iters``: steps of the linear probe (the paper's 12 epochs at COCO scale).
     """
 
     name: Literal["lp-ovod"] = "lp-ovod"
@@ -184,7 +183,6 @@ class LPOVODConfig(Section):
     focal_alpha: float = Field(0.25, ge=0, le=1)
     retrieval_k: int = Field(100, ge=1)
     objectness_floor: float = Field(0.6, ge=0, le=1)
-    probe_iters: int = Field(200, ge=1)
 
 
 METHOD_CONFIGS: tuple[type[Section], ...] = (ViLDConfig, LPOVODConfig)

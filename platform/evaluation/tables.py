@@ -27,6 +27,13 @@ def _fmt(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.1f}"
 
 
+def headline(metrics: dict[str, float]) -> str:
+    """``AP50 novel .. | base .. | all ..`` and the novel kinds, from a metrics dict (as a
+    training reports it and the jobs print it)."""
+    kinds = "".join(f" | {k[len('ap50_'):]} {metrics[k]:.1f}" for k in ("ap50_novel_comp", "ap50_novel_concept") if k in metrics)
+    return f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
+
+
 def summary_line(metrics: Metrics) -> str:
     """One line with the headline numbers and how many classes had no ground truth."""
     if isinstance(metrics, LVISMetrics):

@@ -31,6 +31,7 @@ from typing import Callable
 
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import ExperimentConfig, content_key, load_config
+from ovdlab.platform.evaluation.tables import headline
 from ovdlab.platform.recipes.stages import Stage, check_recipe
 from ovdlab.platform.tracking import Tracker, tracker_from_config
 from ovdlab.platform.train.trainer import run_name_for, train
@@ -57,10 +58,12 @@ class StageResult:
 
 @dataclass
 class RecipeResult:
-    """Every stage's result in order; the job's result is its last train stage."""
+    """Every stage's result in order (``recipe``: the stages as declared); the job's result
+    is its last train stage."""
 
     job: str
     stages: list[StageResult]
+    recipe: list[Stage]
     parent_run_id: str | None
     tracking_uri: str
     experiment: str
@@ -76,6 +79,18 @@ class RecipeResult:
     @property
     def checkpoint(self) -> Path:
         return Path(self.final.output)
+
+    def report_lines(self) -> list[str]:
+        """What a job prints at its end: each stage (ran or reused, and its output), the
+        headline metrics of every evaluated stage, the final checkpoint and job run."""
+        lines = []
+        for stage in self.stages:
+            how = "reused" if stage.skipped else f"{stage.seconds / 60:.1f} min"
+            lines.append(f"stage {stage.name} ({stage.kind}): {how} -> {stage.output}")
+            if stage.metrics:
+                lines.append(f"  {headline(stage.metrics)}")
+        lines.append(f"final checkpoint: {self.checkpoint}; MLflow job run {self.parent_run_id}")
+        return lines
 
 
 def stage_config(stage: Stage, experiment: str, overrides: Sequence[str], outputs: dict[str, str] | None = None) -> ExperimentConfig:
@@ -201,5 +216,5 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
         final = [r for r in results if r.kind == "train"][-1]
         tracker.log_metrics({k: v for k, v in final.metrics.items() if isinstance(v, (int, float))})
         tracker.set_tags({"final_stage": final.name, "checkpoint": final.output})
-    return RecipeResult(job, results, parent, tracker.uri, tracker.experiment)
+    return RecipeResult(job, results, stages, parent, tracker.uri, tracker.experiment)
 

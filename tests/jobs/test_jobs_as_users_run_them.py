@@ -195,3 +195,57 @@ def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_p
     only_run(shared / "mlflow.db", "vild-text-shapes-")
     info = json.loads(next((shared / "runs").glob("*/ovdlab_run.json")).read_text())
     assert info["tracking_uri"] == f"sqlite:///{shared / 'mlflow.db'}"
+
+
+# The tiny world's RPN after 4 steps scores every proposal near 0.5: no floor, so that
+# retrieval finds pseudo-labels at all.
+LP_OVOD = ["method.objectness_floor=0", "method.retrieval_k=4", "train.distill_per_image=8"]
+
+
+def _run_until_probe_checkpoint(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
+    """Start ``cmd``; once the probe stage has written its first checkpoint, SIGKILL its
+    whole process group (driver and its local Ray). Returns the output up to then."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    in_probe = False
+    deadline = time.time() + timeout
+    try:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            in_probe = in_probe or "stage probe (train" in line
+            if in_probe and "Checkpoint successfully created" in line:
+                break
+            assert time.time() < deadline, "".join(lines[-200:])
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert in_probe, "".join(lines[-200:])
+    return "".join(lines)
+
+
+def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_overrides):
+    cmd = [PYTHON, "jobs/lp_ovod_shapes.py", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD]
+    first = _run_until_probe_checkpoint(cmd, clone)
+    assert "stage retrieval (post" in first
+    out = run_as_user(cmd, clone)
+    for stage in ("proposal-detector (train)", "base (train)", "retrieval (post)"):
+        assert f"stage {stage}: reused" in out, out[-4000:]
+    assert "resuming at step 2/4" in out and "stage probe (train): " in out and "reused" not in out.split("stage probe")[1].split("\n")[0]
+    assert "AP50 novel" in out
+
+    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("shapes")
+    runs = client.search_runs([exp.experiment_id])
+    jobs = [r for r in runs if r.data.tags.get("kind") == "recipe" and r.info.run_name.startswith("lp-ovod-")]
+    assert len(jobs) == 1, [r.info.run_name for r in runs]
+    job = jobs[0]
+    assert job.data.tags["stages"] == "proposal-detector,base,retrieval,probe"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id]
+    names = sorted(r.info.run_name for r in children)
+    assert len(names) == 4 and len(set(names)) == 4, names  # one child per stage, none twice after the resume
+    probe = [r for r in children if r.data.tags.get("kind") == "train" and r.info.run_name.startswith("lp-ovod-")]
+    assert len(probe) == 2 and all(r.data.tags.get("completed") == "True" for r in probe)
+    assert "ap50_novel" in job.data.metrics
+    pseudo = next(r for r in children if r.data.tags.get("kind") == "post")
+    assert Path(pseudo.data.tags["output"]).name == "pseudo_labels.json"

@@ -187,3 +187,20 @@ def test_collate_and_move(world):
     assert len(images) == len(targets) == 2 and all(isinstance(t, dict) for t in targets)
     moved = targets_to(targets, "cpu")
     assert moved[0]["image_id"] == targets[0]["image_id"] and torch.equal(moved[0]["boxes"], targets[0]["boxes"])
+
+
+def test_pseudo_labels_join_the_targets_flipped_and_resized_and_select_the_images(world):
+    """A probe's pseudo-labelled boxes (original pixels) go through the image's own flip and
+    resize (LP-OVOD's reference left its proposals unscaled and unflipped); only images
+    with a pseudo-label are used."""
+    dataset, _, _ = world
+    x1, y1, x2, y2 = DISTILL_BOX  # drawn in channel 1 of image 1: a "novel" object
+    pseudo = {1: [{"image_id": 1, "category_id": 2, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 0.9}]}
+    ds = DetectionDataset(dataset, [3, 1, 2], train=True, min_size=120, max_size=1000, flip_prob=1.0,
+                          pseudo_labels=pseudo)
+    assert ds.image_ids == [1]
+    image, target = ds[0]
+    assert target["flipped"] and target["labels"].tolist() == [1, 2, 3, 3]  # ann 12 of category 2, then the pseudo-label
+    assert drawn_box(image[1]) == target["boxes"][3].tolist() == [2 * (W - x2), 2 * y1, 2 * (W - x1), 2 * y2]
+    with pytest.raises(ValueError, match="no image of the dataset has a pseudo-label"):
+        DetectionDataset(dataset, [3, 1, 2], train=True, min_size=64, max_size=64, pseudo_labels={99: []})
