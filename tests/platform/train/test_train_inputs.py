@@ -88,3 +88,49 @@ def test_oracle_trains_every_class_and_needs_novel_boxes(tiny_cfg_factory):
     oracle_set = load_dataset(oracle, "train")
     assert training_classes(oracle, oracle_set) == list(oracle_set.category_ids)
     assert len(oracle_set.category_ids) > len(oracle_set.base_ids)
+
+
+def test_pseudo_labelled_classes_train_but_stay_novel():
+    """A probe's training bank lists base classes then the pseudo-labelled ones: the latter
+    train (they are in the training vocabulary) yet stay novel in both vocabularies, since
+    they never had a ground-truth box; every other evaluation class is novel too."""
+    import torch
+
+    from ovdlab.platform.train.loop import banks_vocabularies, checkpoint_classes
+
+    banks = {
+        "train": {"names": ["red circle", "blue square", "red star"], "embeddings": torch.eye(3, 4),
+                  "pseudo": ["red star"]},
+        "eval": {"names": ["red circle", "red star", "blue square", "green cross"], "embeddings": torch.eye(4)},
+    }
+    train, evaluation = banks_vocabularies(banks)
+    assert train.is_novel.tolist() == [False, False, True] and train.names[2] == "red star"
+    assert evaluation.is_novel.tolist() == [False, True, False, True]
+    built = checkpoint_classes({"eval_classes": list(evaluation.names), "train_classes": ["red circle", "blue square"]}, 4)
+    assert built.names == evaluation.names and built.is_novel.tolist() == evaluation.is_novel.tolist()
+    assert checkpoint_classes({}, 4) is None
+
+
+def test_pseudo_label_file_must_name_evaluated_classes(tmp_path, tiny_cfg_factory):
+    from ovdlab.platform.data.catalog import ensure_dataset
+    from ovdlab.platform.data.pseudo_labels import PseudoLabels, load_pseudo_labels, write_pseudo_labels
+    from ovdlab.platform.train.trainer import pseudo_label_classes
+
+    cfg = tiny_cfg_factory()
+    ensure_dataset(cfg)
+    val = load_dataset(cfg, "val")
+    novel = list(val.novel_ids)[:2]
+    path = write_pseudo_labels(PseudoLabels({cid: f"c{cid}" for cid in novel}, {1: [
+        {"image_id": 1, "category_id": novel[0], "bbox": [1.0, 2.0, 3.0, 4.0], "score": 0.9, "similarity": 0.5}]}),
+        tmp_path / "p.json")
+    assert load_pseudo_labels(path).by_image[1][0]["bbox"] == [1.0, 2.0, 3.0, 4.0]
+    with_file = cfg.model_copy(update={"train": cfg.train.model_copy(update={"pseudo_labels": str(path)})})
+    assert pseudo_label_classes(with_file, val, list(val.base_ids)) == sorted(novel, key=list(val.category_ids).index)
+    assert pseudo_label_classes(cfg, val, list(val.base_ids)) == []
+    bad = write_pseudo_labels(PseudoLabels({999: "unknown"}), tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"category ids \[999\]"):
+        pseudo_label_classes(with_file.model_copy(update={"train": cfg.train.model_copy(update={"pseudo_labels": str(bad)})}),
+                             val, list(val.base_ids))
+    (tmp_path / "broken.json").write_text('{"categories": [{"id": 1, "name": "a"}], "annotations": [{"image_id": 1}]}')
+    with pytest.raises(ValueError, match="not a pseudo-label file"):
+        load_pseudo_labels(tmp_path / "broken.json")
