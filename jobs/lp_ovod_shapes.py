@@ -12,24 +12,9 @@ finished stages and resumes an interrupted one from its last checkpoint:
     ray job submit --working-dir . -- python jobs/lp_ovod_shapes.py
 """
 
-from __future__ import annotations
-
-import logging
 import sys
 
-from ovdlab.platform.cli import run_reporting_errors
-from ovdlab.platform.recipes.runner import run_recipe
-
-EXPERIMENT = "experiments/lp_ovod_shapes"
-
-
-def main(overrides: list[str]) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = run_recipe(EXPERIMENT, overrides)
-    print("\n".join(result.report_lines()))
-    print(f"MLflow: {result.tracking_uri}  experiment {result.experiment!r}")
-    return 0
-
+from ovdlab.platform.recipes.job import run_job
 
 if __name__ == "__main__":
-    sys.exit(run_reporting_errors(lambda: main(sys.argv[1:]), "lp_ovod_shapes"))
+    sys.exit(run_job("experiments/lp_ovod_shapes", sys.argv[1:], __doc__.splitlines()[0]))

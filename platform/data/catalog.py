@@ -215,8 +215,8 @@ _MAKE_HINTS: dict[str, dict[str, tuple[str, str, str]]] = {
         "val": ("coco-ovd --instances-val instances_val2017.json", "ovd_ins_val2017_all.json", "val2017"),
     },
     "lvis": {
-        "train": ("lvis-ovd --train lvis_v1_train.json", "lvis_v1_train_fc.json", "COCO train2017"),
-        "val": ("lvis-ovd --val lvis_v1_val.json", "lvis_v1_val_ovd.json", "COCO val2017"),
+        "train": ("lvis-ovd --train lvis_v1_train.json", "lvis_v1_train_fc.json", "COCO 2017 (train2017/ and val2017/)"),
+        "val": ("lvis-ovd --val lvis_v1_val.json", "lvis_v1_val_ovd.json", "COCO 2017 (train2017/ and val2017/)"),
     },
 }
 

@@ -32,6 +32,19 @@ def _split_of(src_json: Path, category: dict[str, Any]) -> str:
     raise ValueError(f"{src_json}: {where} has frequency {freq!r}; expected one of 'f', 'c', 'r'")
 
 
+def _with_file_name(src_json: Path, image: dict[str, Any]) -> dict[str, Any]:
+    """LVIS v1 names an image by its ``coco_url`` only; its validation images come from
+    both COCO 2017 folders. ``file_name`` becomes ``<folder>/<file>`` from that URL
+    (``train2017/000000391895.jpg``), relative to an image root that holds COCO's
+    ``train2017`` and ``val2017`` (as detectron2 resolves LVIS images)."""
+    if "file_name" in image:
+        return image
+    url = image.get("coco_url")
+    if not url:
+        raise ValueError(f"{src_json}: image {image.get('id')} has neither file_name nor coco_url")
+    return {**image, "file_name": "/".join(str(url).rstrip("/").split("/")[-2:])}
+
+
 def convert_lvis_ovd(src_json: Path, out_json: Path, mode: Mode) -> dict[str, int]:
     """Write the OVD version of an LVIS v1 file; returns counts.
 
@@ -54,11 +67,12 @@ def convert_lvis_ovd(src_json: Path, out_json: Path, mode: Mode) -> dict[str, in
         raise ValueError(
             f"{src_json}: {len(unknown)} annotation(s) with a missing or unknown category_id, e.g. id {unknown[0]}"
         )
+    images = [_with_file_name(src_json, image) for image in data["images"]]
     if mode == "train":
         annotations = [a for a in data["annotations"] if int(a["category_id"]) not in novel_ids]
     else:
         annotations = list(data["annotations"])
-    write_json_atomic(out_json, {**data, "annotations": annotations, "categories": categories})
+    write_json_atomic(out_json, {**data, "images": images, "annotations": annotations, "categories": categories})
     n_novel = sum(1 for a in annotations if int(a["category_id"]) in novel_ids)
     return {
         "images": len(data["images"]),

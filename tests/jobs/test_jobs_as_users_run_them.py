@@ -249,3 +249,16 @@ def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_over
     assert "ap50_novel" in job.data.metrics
     pseudo = next(r for r in children if r.data.tags.get("kind") == "post")
     assert Path(pseudo.data.tags["output"]).name == "pseudo_labels.json"
+
+
+@pytest.mark.parametrize("kind", ["coco", "lvis"])
+def test_lp_ovod_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
+    """``--smoke``: the COCO / LVIS job end to end on a generated fixture in that layout
+    (real category ids and names, the real converters), default work dir, own Ray."""
+    out = run_as_user([PYTHON, f"jobs/lp_ovod_{kind}.py", "--smoke", "method.objectness_floor=0"], clone)
+    for stage in ("proposal-detector (train)", "base (train)", "retrieval (post)", "probe (train)"):
+        assert f"stage {stage}: " in out, out[-4000:]
+    assert re.search(r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d", out), out[-4000:]
+    assert f"experiment '{kind}-smoke'" in out
+    root = clone / "work" / "data" / f"{kind}-smoke"
+    assert (root / "annotations").is_dir() and (root / "raw").is_dir()

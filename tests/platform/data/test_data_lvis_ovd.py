@@ -53,7 +53,8 @@ def test_train_drops_rare_annotations(tmp_path: Path) -> None:
         assert cat["frequency"] == FREQ[cat["id"]]
         assert cat["split"] == ("novel" if FREQ[cat["id"]] == "r" else "base")
         assert cat["synset"] == f"s{cat['id']}.n.01"
-    assert data["images"] == _lvis()["images"]
+    # Images keep every field and gain file_name <folder>/<file> from their coco_url.
+    assert data["images"] == [{**im, "file_name": im["coco_url"]} for im in _lvis()["images"]]
 
 
 def test_val_keeps_everything_tagged(tmp_path: Path) -> None:
@@ -97,3 +98,17 @@ def test_unknown_category_and_bad_mode(tmp_path: Path) -> None:
         convert_lvis_ovd(src, tmp_path / "o.json", "both")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="missing.json"):
         convert_lvis_ovd(tmp_path / "missing.json", tmp_path / "o.json", "val")
+
+
+def test_images_are_named_by_their_coco_url_folder(tmp_path: Path) -> None:
+    """LVIS v1 has no file_name; its val images come from COCO's train2017 and val2017."""
+    data = _lvis()
+    data["images"][0]["coco_url"] = "http://images.cocodataset.org/train2017/000000000010.jpg"
+    data["images"][1]["file_name"] = "kept.jpg"
+    out = tmp_path / "o.json"
+    convert_lvis_ovd(_write(tmp_path / "in.json", data), out, "val")
+    images = json.loads(out.read_text())["images"]
+    assert images[0]["file_name"] == "train2017/000000000010.jpg" and images[1]["file_name"] == "kept.jpg"
+    del data["images"][0]["coco_url"]
+    with pytest.raises(ValueError, match="neither file_name nor coco_url"):
+        convert_lvis_ovd(_write(tmp_path / "in.json", data), out, "val")
