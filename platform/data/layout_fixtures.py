@@ -68,8 +68,11 @@ def _write_split(
         image, objects = _draw_image(rng, size, category_ids)
         image.save(root / folder / name, quality=95)
         info: dict[str, Any] = {"id": image_id, "width": size, "height": size}
-        if coco_url:
+        if coco_url:  # LVIS v1: named by URL; negative (verified absent) and not-exhaustive categories
+            present = {obj["category_id"] for obj in objects}
             info["coco_url"] = f"http://images.cocodataset.org/{folder}/{name}"
+            info["neg_category_ids"] = [c for c in category_ids if c not in present][:3]
+            info["not_exhaustive_category_ids"] = []
         else:
             info["file_name"] = name
         images.append(info)

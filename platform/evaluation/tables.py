@@ -28,8 +28,11 @@ def _fmt(value: float) -> str:
 
 
 def headline(metrics: dict[str, float]) -> str:
-    """``AP50 novel .. | base .. | all ..`` and the novel kinds, from a metrics dict (as a
-    training reports it and the jobs print it)."""
+    """``AP50 novel .. | base .. | all ..`` and the novel kinds (COCO protocol), or
+    ``AP .. | APr .. | APc .. | APf ..`` (LVIS), from a metrics dict (as a training
+    reports it and the jobs print it)."""
+    if "ap50_novel" not in metrics:
+        return " | ".join(f"{name} {_fmt(metrics[key])}" for key, name in (("ap", "AP"), ("apr", "APr"), ("apc", "APc"), ("apf", "APf")) if key in metrics)
     kinds = "".join(f" | {k[len('ap50_'):]} {metrics[k]:.1f}" for k in ("ap50_novel_comp", "ap50_novel_concept") if k in metrics)
     return f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
 
