@@ -207,6 +207,12 @@ def retrieve_pseudo_labels(cfg: ExperimentConfig, out_dir: Path) -> Path:
     store_path = run_extraction(cfg, "train").store
     found = retrieve_topk(RegionStore(store_path), text.float().numpy(), k=cfg.method.retrieval_k,
                           min_score=cfg.method.objectness_floor)
+    if not any(found):
+        raise ValueError(
+            f"retrieval found no training proposal with objectness >= method.objectness_floor="
+            f"{cfg.method.objectness_floor} in {store_path}: the probe would have no pseudo-label "
+            f"(a barely trained RPN, as in --smoke, needs a lower floor)"
+        )
     source = {"store": str(store_path), "k": cfg.method.retrieval_k, "objectness_floor": cfg.method.objectness_floor}
     return write_pseudo_labels(pseudo_labels_from_hits(novel, found, source), out_dir / "pseudo_labels.json")
 
