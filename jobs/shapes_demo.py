@@ -11,6 +11,7 @@ run with a child run per stage; the job prints one table of mean ± std over the
     python jobs/shapes_demo.py                                    # every method + oracle, seeds 0,1,2
     python jobs/shapes_demo.py --methods vild-text --seeds 0      # one run
     python jobs/shapes_demo.py train.max_iter=300 ray.num_workers=2   # overrides for every run
+    python jobs/shapes_demo.py lp-ovod:method.retrieval_k=50          # for one method's runs
     ray job submit --working-dir . -- python jobs/shapes_demo.py work_dir=/shared/ovdlab
 
 Rows (configs/experiments/<method>_shapes.yaml):
@@ -76,7 +77,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(_ordered(methods)),
                         help=f"comma-separated rows, from {', '.join(methods)} (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds (default: 0,1,2)")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. train.max_iter=300")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run, e.g. train.max_iter=300; "
+                        "METHOD:key=value for one method's runs, e.g. lp-ovod:method.retrieval_k=50")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(args.methods) - set(methods))
@@ -88,7 +90,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not args.seeds:
         parser.error("--seeds names no seed")
+    for override in args.overrides:
+        prefix = override.split("=", 1)[0]
+        if ":" in prefix and prefix.split(":", 1)[0] not in methods:
+            parser.error(f"override {override!r}: {prefix.split(':', 1)[0]!r} is not a row; rows: {methods}")
     return args
+
+
+def overrides_for(method: str, overrides: list[str]) -> list[str]:
+    """The overrides of ``method``'s runs: every plain one, and ``METHOD:key=value`` ones
+    of that method (a method's knob, e.g. LP-OVOD's ``method.retrieval_k``, exists only on
+    its own config, so it cannot go to every run)."""
+    out = []
+    for override in overrides:
+        prefix, _, rest = override.partition(":")
+        if "=" in prefix or not rest:
+            out.append(override)
+        elif prefix == method:
+            out.append(rest)
+    return out
 
 
 def _ordered(methods: list[str]) -> list[str]:
@@ -129,7 +149,7 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     methods = _ordered(args.methods)
-    configs = {m: load_config(experiment(m), args.overrides) for m in methods}  # every config fails here, before any work
+    configs = {m: load_config(experiment(m), overrides_for(m, args.overrides)) for m in methods}  # fail here, before any work
     first = configs[methods[0]]
     print(f"shapes world: {ensure_dataset(first)}")
     print(f"teacher: {teacher_checkpoint(first) or f'{first.teacher.model} (pretrained={first.teacher.pretrained})'}")
@@ -145,7 +165,7 @@ def main(argv: list[str]) -> int:
     for seed in args.seeds:
         for method in methods:
             print(f"\n=== {method}, seed {seed} ({len(done) + 1}/{len(methods) * len(args.seeds)}) ===", flush=True)
-            result = run_recipe(experiment(method), [*args.overrides, f"seed={seed}"])
+            result = run_recipe(experiment(method), [*overrides_for(method, args.overrides), f"seed={seed}"])
             done[(method, seed)] = result
             rows[method].append({**result.metrics, "train_minutes": own_minutes(result)})
             if method in STAGE_ROWS:

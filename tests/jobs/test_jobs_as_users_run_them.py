@@ -28,6 +28,8 @@ pytestmark = pytest.mark.slow
 PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 SHRUNK_RUN = ["train.max_iter=4", "train.eval_period=2", "train.checkpoint_period=2"]
+LP_OVOD_DEMO = ["lp-ovod:method.objectness_floor=0", "lp-ovod:train.distill_per_image=8"]
+"""The tiny world's RPN after 4 steps scores every proposal near 0.5: no objectness floor."""
 TABLE = re.compile(r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d")
 
 
@@ -77,10 +79,10 @@ def only_run(db: Path, name_prefix: str, kind: str = "train"):
 def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     """The README's first command (after the install), shrunk to one seed: every method and
     the oracle, default work dir, own Ray, one comparison table."""
-    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN], clone)
-    for method in ("vild-text", "vild", "vild-ensemble", "oracle"):
+    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD_DEMO], clone)
+    for method in ("vild-text", "vild", "vild-ensemble", "lp-ovod", "lp-ovod w/o probe", "oracle"):
         assert re.search(rf"^\| {method} \| 1 \| (\d+\.\d|n/a) \| ", out, re.M), out[-4000:]
-    assert out.count("[ovdlab train] step 2/4 (50%)") == 4, "each run's progress lines reach the console once"
+    assert out.count("[ovdlab train] step 2/4 (50%)") == 6, "each run's progress lines reach the console once"
     assert "[ovdlab train] step 4: evaluating 8 val.json images" in out
     assert "shapes world: train images 24/24 (100%)" in out
     for prefix in ("vild-text-shapes-", "vild-shapes-", "vild-ensemble-shapes-", "vild-text-oracle-shapes-"):

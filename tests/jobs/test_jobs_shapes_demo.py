@@ -50,3 +50,15 @@ def test_bad_config_is_one_line_naming_the_field_before_any_work(tmp_path, repo_
     assert out.returncode == 2
     assert "train.optimizer" in out.stderr and "sgd" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_method_overrides_reach_only_that_methods_runs():
+    """``lp-ovod:method.retrieval_k=7`` configures LP-OVOD's runs; ViLD's config has no such
+    knob, so a plain override would fail there. A URL's colon is not a method prefix."""
+    overrides = ["train.max_iter=5", "lp-ovod:method.retrieval_k=7", "tracking.uri=http://host:5000"]
+    assert shapes_demo.overrides_for("lp-ovod", overrides) == ["train.max_iter=5", "method.retrieval_k=7",
+                                                               "tracking.uri=http://host:5000"]
+    assert shapes_demo.overrides_for("vild", overrides) == ["train.max_iter=5", "tracking.uri=http://host:5000"]
+    assert shapes_demo.parse_args(["lp-ovod:method.retrieval_k=7"]).overrides == ["lp-ovod:method.retrieval_k=7"]
+    with pytest.raises(SystemExit):
+        shapes_demo.parse_args(["cliff:method.kl_weight=1"])
