@@ -83,9 +83,13 @@ class RegionContext:
     ``objectness`` ``[R]``: the RPN's probability that each proposal is an object (in
     ``[0, 1]``), given at inference; LP-OVOD and Detic multiply it into the class scores.
     None when the regions carry none (ground-truth boxes, distillation boxes).
+    ``generator``: the random generator a sampling method draws from at inference,
+    seeded from ``eval.seed`` whenever the inference settings are installed, so an
+    evaluation is reproducible bit for bit (None: the global generator).
     """
 
     objectness: Tensor | None = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -137,6 +141,18 @@ class Method:
         """
         raise NotImplementedError(f"{type(self).__name__}.build_head")
 
+    def build_box_head(self, in_features: int, embed_dim: int) -> nn.Module | None:
+        """An optional box branch with per-class deltas (EZSD conditions regression on the
+        class's text embedding). None (the default) keeps the platform's class-agnostic
+        ``Linear(in_features, 4)``, as ViLD regresses, bit for bit."""
+        return None
+
+    def box_deltas(self, box_head: nn.Module, features: Tensor, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
+        """``[R, C, 4]`` box deltas of every region for every vocabulary class (box coder
+        weights 10, 10, 5, 5); called only when :meth:`build_box_head` returned a module.
+        Training regresses the ground-truth class's deltas; inference decodes each class's."""
+        raise NotImplementedError(f"{type(self).__name__}.box_deltas")
+
     def forward_head(self, head: nn.Module, features: Tensor) -> dict[str, Tensor]:
         """Run the head on box-head features; every output is row-aligned with ``features``."""
         return head(features)
@@ -153,7 +169,11 @@ class Method:
         vocab: Vocabulary,
         distill: DistillOutputs | None,
     ) -> dict[str, Tensor]:
-        """Training losses of the sampled RoIs (``labels`` [R]) and the distillation regions."""
+        """Training losses of the sampled RoIs (``labels`` [R]) and the distillation regions.
+
+        Entries named ``loss*`` are summed into the loss; any other entry is a diagnostic
+        (detach it) that the loop logs as ``train/<name>`` without optimising it.
+        """
         raise NotImplementedError(f"{type(self).__name__}.losses")
 
     def scores(

@@ -269,13 +269,19 @@ class TrainConfig(Section):
 
 
 class EvalConfig(Section):
-    """Inference settings for evaluation and prediction."""
+    """Inference settings for evaluation and prediction.
+
+    ``seed``: seeds the random generator a sampling method draws from at inference
+    (``RegionContext.generator``; CLIFF's diffusion): the same seed gives the same
+    detections. Deterministic methods ignore it.
+    """
 
     score_thresh: float = Field(0.001, ge=0, le=1)
     nms_thresh: float = Field(0.5, gt=0, le=1)
     detections_per_image: int = Field(100, ge=1)
     batch_size: int = Field(8, ge=1)
     vis_images: int = Field(8, ge=0)
+    seed: int = 0
 
 
 class TrackingConfig(Section):

@@ -29,7 +29,7 @@ from ovdlab.platform.detector.transforms import resize, scale_boxes
 def _inference_state(model: OVDDetector, vocab: Vocabulary | None, eval_cfg: EvalConfig | None) -> Iterator[None]:
     heads = model.roi_heads
     saved = (model.text, model.is_novel, model.class_names, model.training,
-             heads.score_thresh, heads.nms_thresh, heads.detections_per_image)
+             heads.score_thresh, heads.nms_thresh, heads.detections_per_image, heads.generator)
     try:
         if vocab is not None:
             model.set_vocabulary(vocab)
@@ -39,7 +39,8 @@ def _inference_state(model: OVDDetector, vocab: Vocabulary | None, eval_cfg: Eva
         with torch.no_grad():
             yield
     finally:
-        text, is_novel, model.class_names, training, heads.score_thresh, heads.nms_thresh, heads.detections_per_image = saved
+        (text, is_novel, model.class_names, training, heads.score_thresh, heads.nms_thresh,
+         heads.detections_per_image, heads.generator) = saved
         model.register_buffer("text", text, persistent=False)
         model.register_buffer("is_novel", is_novel, persistent=False)
         model.train(training)

@@ -109,10 +109,12 @@ class OVDDetector(nn.Module):
         return Vocabulary(self.text, self.is_novel, self.class_names)
 
     def set_inference(self, eval_cfg: EvalConfig) -> None:
-        """Score threshold, NMS IoU and detections per image used by :meth:`forward` in eval."""
+        """Score threshold, NMS IoU and detections per image used by :meth:`forward` in eval,
+        and a generator freshly seeded with ``eval.seed`` for methods that sample."""
         self.roi_heads.score_thresh = eval_cfg.score_thresh
         self.roi_heads.nms_thresh = eval_cfg.nms_thresh
         self.roi_heads.detections_per_image = eval_cfg.detections_per_image
+        self.roi_heads.generator = torch.Generator(device=self.pixel_mean.device).manual_seed(eval_cfg.seed)
 
     def preprocess(self, images: list[Tensor]) -> ImageList:
         """Normalize with ImageNet statistics and zero-pad to a multiple of 32."""

@@ -7,7 +7,10 @@ with a 25 % foreground fraction, box deltas with weights (10, 10, 5, 5). What di
 - classification is the method's (:class:`~ovdlab.methods.base.Method`): box-head
   feature -> method head -> logits against the frozen text bank;
 - box regression is class-agnostic (``Linear(representation, 4)``), as in ViLD, so
-  it transfers to classes never seen in training; its loss is torchvision's
+  it transfers to classes never seen in training, unless the method brings its own box
+  branch with per-class deltas (``Method.build_box_head`` / ``box_deltas``: EZSD's
+  text-conditioned regression; the ground-truth class's deltas are regressed and each
+  class's are decoded); its loss is torchvision's
   ``fastrcnn_loss`` (smooth L1, beta 1/9, summed over foreground RoIs and divided by
   the number of sampled RoIs) on the single class-agnostic box;
 - distillation boxes (per image, in the resized image's coordinates) are pooled with
@@ -69,15 +72,20 @@ class OVDRoIHeads(nn.Module):
         self.box_head = box_head
         self.method = method
         self.method_head = method.build_head(representation, embed_dim, classes)
-        self.box_predictor = nn.Linear(representation, 4)
-        nn.init.normal_(self.box_predictor.weight, std=0.001)
-        nn.init.zeros_(self.box_predictor.bias)
+        custom_box_head = method.build_box_head(representation, embed_dim)
+        self.per_class_boxes = custom_box_head is not None
+        if custom_box_head is None:
+            custom_box_head = nn.Linear(representation, 4)
+            nn.init.normal_(custom_box_head.weight, std=0.001)
+            nn.init.zeros_(custom_box_head.bias)
+        self.box_predictor = custom_box_head
         self.proposal_matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
         self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
         self.box_coder = det_utils.BoxCoder(bbox_reg_weights)
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_image = detections_per_image
+        self.generator: torch.Generator | None = None
 
     # ------------------------------------------------------------------ training
     def select_training_samples(
@@ -109,6 +117,20 @@ class OVDRoIHeads(nn.Module):
             all_labels.append(labels[keep])
             all_targets.append(self.box_coder.encode_single(gt_boxes[matched[keep]], props[keep]))
         return sampled_rois, torch.cat(all_labels), torch.cat(all_targets)
+
+    def box_deltas(self, rep: Tensor, head_out: dict[str, Tensor], vocab: Vocabulary) -> Tensor:
+        """``[R, 4]`` class-agnostic deltas, or ``[R, C, 4]`` from the method's box branch."""
+        if self.per_class_boxes:
+            return self.method.box_deltas(self.box_predictor, rep, head_out, vocab)
+        return self.box_predictor(rep)
+
+    @staticmethod
+    def deltas_of_labels(deltas: Tensor, labels: Tensor) -> Tensor:
+        """Each RoI's deltas for its ground-truth class (``[R, C, 4]`` -> ``[R, 4]``;
+        background rows take class 0's, which the box loss ignores)."""
+        if deltas.ndim == 2:
+            return deltas
+        return deltas[torch.arange(len(labels), device=deltas.device), (labels - 1).clamp(min=0)]
 
     def box_loss(self, deltas: Tensor, labels: Tensor, regression_targets: Tensor) -> Tensor:
         """Class-agnostic ``fastrcnn_loss`` box term: smooth L1 on foreground / #sampled."""
@@ -166,7 +188,8 @@ class OVDRoIHeads(nn.Module):
             distill_out = DistillOutputs(distill_head_out, d_targets, d_weights, d_index)
             rep = rep[~is_distill]
         losses = self.method.losses(self.method_head, head_out, labels, vocab, distill_out)
-        losses["loss_box"] = self.box_loss(self.box_predictor(rep), labels, regression_targets)
+        deltas = self.deltas_of_labels(self.box_deltas(rep, head_out, vocab), labels)
+        losses["loss_box"] = self.box_loss(deltas, labels, regression_targets)
         return losses
 
     # ----------------------------------------------------------------- inference
@@ -182,10 +205,10 @@ class OVDRoIHeads(nn.Module):
         image, when known), threshold, per-class NMS, top-k."""
         rep = self.box_head(self.box_pool(features, proposals, image_sizes))
         head_out = self.method.forward_head(self.method_head, rep)
-        regions = RegionContext(torch.cat(objectness).float() if objectness is not None else None)
+        regions = RegionContext(torch.cat(objectness).float() if objectness is not None else None, self.generator)
         scores = self.method.scores(self.method_head, head_out, vocab, regions).float()
-        deltas = self.box_predictor(rep).float()
-        boxes = self.box_coder.decode(deltas, proposals).reshape(-1, 4)
+        deltas = self.box_deltas(rep, head_out, vocab).float()
+        boxes = self.box_coder.decode(deltas.reshape(len(deltas), -1), proposals).reshape(len(deltas), -1, 4)
         embedding = head_out.get("embedding")
         counts = [len(p) for p in proposals]
         results = []
@@ -200,7 +223,8 @@ class OVDRoIHeads(nn.Module):
     def postprocess(
         self, boxes: Tensor, scores: Tensor, image_size: tuple[int, int], embedding: Tensor | None
     ) -> dict[str, Tensor]:
-        """torchvision ``postprocess_detections`` with one box shared by all classes."""
+        """torchvision ``postprocess_detections``; ``boxes`` ``[R, 1, 4]`` (one box shared by
+        all classes) or ``[R, C, 4]`` (a box per class)."""
         num_classes = scores.shape[1]
         boxes = box_ops.clip_boxes_to_image(boxes, image_size)
         roi_index = torch.arange(len(boxes), device=boxes.device)[:, None].expand(-1, num_classes).reshape(-1)
@@ -208,7 +232,7 @@ class OVDRoIHeads(nn.Module):
         flat_scores = scores.reshape(-1)
         keep = torch.where(flat_scores > self.score_thresh)[0]
         roi_index, labels, flat_scores = roi_index[keep], labels[keep], flat_scores[keep]
-        det_boxes = boxes[roi_index]
+        det_boxes = boxes[roi_index, labels if boxes.shape[1] > 1 else 0]
         keep = box_ops.remove_small_boxes(det_boxes, min_size=1e-2)
         det_boxes, roi_index, labels, flat_scores = det_boxes[keep], roi_index[keep], labels[keep], flat_scores[keep]
         keep = box_ops.batched_nms(det_boxes, flat_scores, labels, self.nms_thresh)[: self.detections_per_image]

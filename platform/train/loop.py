@@ -79,6 +79,9 @@ from ovdlab.platform.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
+LOSS_PREFIX = "loss"
+"""Terms of the loss dict that are summed into the loss; any other entry (a method's
+diagnostic, e.g. a KL value or a noise MSE) is logged with them, never optimised."""
 LOG_PERIOD = 20
 """Steps between MLflow writes (each write carries every step's losses)."""
 UNTIMED_STEPS = 3
@@ -307,6 +310,11 @@ def checkpoint_classes(meta: dict[str, Any], embed_dim: int) -> Vocabulary | Non
     return Vocabulary.against(torch.zeros(len(names), embed_dim), names, list(meta.get("train_classes", [])))
 
 
+def total_loss(loss_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The sum of the ``loss*`` terms (see :data:`LOSS_PREFIX`); diagnostics are left out."""
+    return sum(v for k, v in loss_dict.items() if k.startswith(LOSS_PREFIX))  # type: ignore[return-value]
+
+
 def _train_loader(
     cfg: ExperimentConfig, dataset: OVDDataset, class_ids: list[int], store_path: str | None, session: Session
 ) -> tuple[DataLoader, DistributedSampler]:
@@ -459,7 +467,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
         t_data = time.perf_counter() - t0
         with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
             loss_dict = model(images, targets)
-        loss = sum(loss_dict.values())
+        loss = total_loss(loss_dict)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if tcfg.grad_clip is not None:
