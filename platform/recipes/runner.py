@@ -12,8 +12,8 @@ overrides), asks the method for its stages (``Method.recipe``) and runs them in 
 - **Resume.** A train stage without a record calls :func:`~ovdlab.platform.train.trainer.train`
   again, which continues its interrupted run from the latest checkpoint.
 - **Tracking.** One MLflow parent run per job (reopened when the same job runs again),
-  a child run per stage that runs here (the training's own run, or the post stage's),
-  the final train stage's metrics copied onto the parent, reused stages named in its tags.
+  a child run per stage that runs here (the training's own run, or the stage's own),
+  the last evaluated stage's metrics copied onto the parent, reused stages named in its tags.
 
 Kinds and ``reads``: :mod:`ovdlab.platform.recipes.stages`.
 """
@@ -74,7 +74,9 @@ class RecipeResult:
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.final.metrics
+        """The last evaluated stage's metrics (an ``eval`` stage after the final training,
+        else the final training's own evaluation)."""
+        return [s for s in self.stages if s.metrics][-1].metrics
 
     @property
     def checkpoint(self) -> Path:
@@ -107,10 +109,12 @@ def stage_config(stage: Stage, experiment: str, overrides: Sequence[str], output
     return load_config(stage.experiment or experiment, [*overrides, *stage.overrides, *bound])
 
 
-def stage_key(stage: Stage, unbound: ExperimentConfig, input_keys: dict[str, str]) -> str:
-    """Content key: kind, function, the config before binding, the keys of what it reads."""
+def stage_key(stage: Stage, unbound: ExperimentConfig, input_keys: dict[str, str], evaluates: str | None = None) -> str:
+    """Content key: kind, function, the config before binding, the keys of what it reads
+    (and, for an ``eval`` stage, the key of the training it evaluates)."""
     reads = sorted((key, input_keys[source]) for key, source in stage.reads.items())
-    return content_key("recipe-stage", stage.kind, stage.function, unbound.content_hash(), reads)
+    extra = [evaluates] if stage.kind == "eval" else []
+    return content_key("recipe-stage", stage.kind, stage.function, unbound.content_hash(), reads, *extra)
 
 
 def _record_path(cfg: ExperimentConfig, stage: Stage, key: str) -> Path:
@@ -153,17 +157,52 @@ def _run_train(stage: Stage, key: str, cfg: ExperimentConfig, parent: str | None
                        result.mlflow_run_id, time.perf_counter() - start)
 
 
-def _run_post(stage: Stage, key: str, cfg: ExperimentConfig, tracker: Tracker, parent: str | None, job: str) -> StageResult:
+def _teacher(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, float]]:
+    from ovdlab.platform.train.trainer import load_training_teacher
+
+    teacher, checkpoint = load_training_teacher(cfg)
+    path = out_dir / "teacher.json"
+    path.write_text(json.dumps({"teacher_id": teacher.teacher_id, "digest": teacher.digest,
+                                "checkpoint": str(checkpoint) if checkpoint else None, "embed_dim": teacher.embed_dim}))
+    return path, {}
+
+
+def _extract(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, float]]:
+    from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
+    from ovdlab.platform.pipelines.extract import run_extraction
+
+    summary = run_extraction(resolve_backbone_weights(cfg), "train")
+    return Path(summary.store), {}
+
+
+def _eval(cfg: ExperimentConfig, checkpoint: str, tracker: Tracker) -> tuple[Path, dict[str, float]]:
+    from ovdlab.platform.train.evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, cfg=cfg).metrics.as_dict()
+    tracker.log_metrics(metrics)
+    return Path(checkpoint), metrics
+
+
+def _run_step(
+    stage: Stage, key: str, cfg: ExperimentConfig, tracker: Tracker, parent: str | None, job: str, checkpoint: str | None
+) -> StageResult:
+    """A stage other than ``train``, in its own MLflow child run (see ``stages`` for kinds)."""
     start = time.perf_counter()
-    function = load_function(str(stage.function))
     out_dir = cfg.work_path(RECIPES_DIR, "outputs", f"{stage.name}-{key}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    tags = {"kind": "post", "stage": stage.name, "function": stage.function}
+    tags = {"kind": stage.kind, "stage": stage.name, **({"function": stage.function} if stage.function else {})}
     with tracker.start_run(run_name=f"{job}/{stage.name}", tags=tags, parent_run_id=parent) as run_id:
         tracker.log_config(cfg)
-        output = Path(function(cfg, out_dir))
+        if stage.kind == "post":
+            output, metrics = Path(load_function(str(stage.function))(cfg, out_dir)), {}
+        elif stage.kind == "teacher":
+            output, metrics = _teacher(cfg, out_dir)
+        elif stage.kind == "extract":
+            output, metrics = _extract(cfg, out_dir)
+        else:
+            output, metrics = _eval(cfg, str(checkpoint), tracker)
         tracker.set_tags({"output": str(output)})
-    return StageResult(stage.name, stage.kind, key, str(output), {}, run_id, time.perf_counter() - start)
+    return StageResult(stage.name, stage.kind, key, str(output), metrics, run_id, time.perf_counter() - start)
 
 
 def _parent_run(cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tuple[Path, str | None]:
@@ -187,6 +226,8 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
     tracker = tracker_from_config(cfg)
     record, parent_id = _parent_run(cfg, stages, job)
     results: list[StageResult] = []
+    last_checkpoint: str | None = None
+    last_train_key: str | None = None
     keys: dict[str, str] = {}
     outputs: dict[str, str] = {}
     tags = {"kind": "recipe", "method": cfg.method.name, "seed": cfg.seed, "stages": ",".join(s.name for s in stages)}
@@ -196,7 +237,9 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
             record.write_text(json.dumps({"mlflow_run_id": parent, "experiment": experiment, "overrides": list(overrides)}))
             tracker.log_config(cfg)
         for stage in stages:
-            key = keys[stage.name] = stage_key(stage, unbound[stage.name], keys)
+            key = keys[stage.name] = stage_key(stage, unbound[stage.name], keys, last_train_key)
+            if stage.kind == "train":
+                last_train_key = key
             path = _record_path(cfg, stage, key)
             result = _read_record(path)
             if result is None:
@@ -205,16 +248,19 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
                 if stage.kind == "train":
                     result = _run_train(stage, key, stage_cfg, parent)
                 else:
-                    result = _run_post(stage, key, stage_cfg, tracker, parent, job)
+                    result = _run_step(stage, key, stage_cfg, tracker, parent, job, last_checkpoint)
                 _write_record(path, result)
             else:
                 log.info("recipe %s: stage %s reused (%s)", job, stage.name, result.output)
                 tracker.set_tags({f"stage.{stage.name}": f"reused run {result.mlflow_run_id}"})
             result.name = stage.name  # a record written by another recipe names its own stage
             outputs[stage.name] = result.output
+            if stage.kind == "train":
+                last_checkpoint = result.output
             results.append(result)
         final = [r for r in results if r.kind == "train"][-1]
-        tracker.log_metrics({k: v for k, v in final.metrics.items() if isinstance(v, (int, float))})
-        tracker.set_tags({"final_stage": final.name, "checkpoint": final.output})
+        scored = [r for r in results if r.metrics][-1]
+        tracker.log_metrics({k: v for k, v in scored.metrics.items() if isinstance(v, (int, float))})
+        tracker.set_tags({"final_stage": final.name, "checkpoint": final.output, "metrics_stage": scored.name})
     return RecipeResult(job, results, stages, parent, tracker.uri, tracker.experiment)
 

@@ -17,6 +17,15 @@ final checkpoint, a post stage's file), e.g. ``{"proposals.checkpoint":
 - ``post``: a plain function ``"module:function"`` called as ``function(cfg, out_dir)``
   with the stage's config (its ``reads`` bound) and a fresh folder; it returns the
   file or folder it wrote (LP-OVOD's pseudo-labels), which later stages read.
+- ``teacher``: the configured teacher made ready (``shapes-tiny`` pretrained once, a
+  hub model loaded); output: a JSON file naming it, its weights digest and checkpoint.
+  A training makes its teacher anyway; the stage tracks and times it on its own (and
+  is where EZSD's LN-tuned teacher will go).
+- ``extract``: the training split's region store filled by the Ray Data pipeline
+  (:func:`~ovdlab.platform.pipelines.extract.run_extraction`); output: the store folder.
+- ``eval``: the checkpoint of the latest ``train`` stage before it, evaluated under
+  the stage's own config (``eval.*`` overrides, e.g. ``eval.seed`` for a sampling
+  method); its metrics become the job's when it is the last stage with metrics.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-StageKind = Literal["train", "post"]
-STAGE_KINDS: tuple[str, ...] = ("train", "post")
+StageKind = Literal["teacher", "extract", "train", "post", "eval"]
+STAGE_KINDS: tuple[str, ...] = ("teacher", "extract", "train", "post", "eval")
 
 
 @dataclass(frozen=True)
@@ -71,6 +80,8 @@ def check_recipe(stages: Sequence[Stage]) -> None:
             raise ValueError(f"post stage {stage.name!r} needs function='module:function', got {stage.function!r}")
         if stage.kind != "post" and stage.function is not None:
             raise ValueError(f"stage {stage.name!r}: only post stages call a function")
+        if stage.kind == "eval" and not any(s.kind == "train" for s in stages[: len(seen)]):
+            raise ValueError(f"eval stage {stage.name!r} needs an earlier train stage, whose checkpoint it evaluates")
         seen.append(stage.name)
     if not any(stage.kind == "train" for stage in stages):
         raise ValueError("a recipe needs a train stage: its last one gives the job's metrics")

@@ -3,6 +3,7 @@ skips finished stages, chains phases through their outputs and tracks a parent r
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -26,7 +27,9 @@ from ovdlab.platform.train.checkpoint import load_model_checkpoint
         ([Stage("a", "train", reads={"train.init_from": "b"}), Stage("b", "train")], "not an earlier stage"),
         ([Stage("a", "train"), Stage("p", "post")], "needs function"),
         ([Stage("a", "train", function="m:f")], "only post stages"),
-        ([Stage("a", "teacher")], "unknown kind"),  # type: ignore[arg-type]
+        ([Stage("a", "cook")], "unknown kind"),  # type: ignore[arg-type]
+        ([Stage("e", "eval"), Stage("a", "train")], "needs an earlier train stage"),
+        ([Stage("t", "teacher"), Stage("x", "extract")], "needs a train stage"),
         ([Stage("p", "post", function="m:f")], "needs a train stage"),
     ],
 )
@@ -76,16 +79,22 @@ def test_runner_chains_skips_and_tracks(tmp_path, tiny_overrides, ray_local, not
     overrides = [f"work_dir={tmp_path / 'work'}", *tiny_overrides, "model.backbone_weights=null",
                  "train.max_iter=2", "train.checkpoint_period=2"]
     stages = [
+        Stage("teacher", "teacher"),
         Stage("base", "train"),
         Stage("note", "post", function="recipe_test_steps:write_note", reads={"train.init_from": "base"}),
         Stage("probe", "train", overrides=("train.freeze=[backbone,rpn]", "train.lr=0.001"),
               reads={"train.init_from": "base"}),
+        Stage("eval-thresh", "eval", overrides=("eval.score_thresh=0.5",)),
     ]
     first = run_recipe("experiments/vild_text_shapes", overrides, stages)
-    base, note, probe = first.stages
-    assert [s.skipped for s in first.stages] == [False, False, False]
+    teacher, base, note, probe, evaluation = first.stages
+    assert [s.skipped for s in first.stages] == [False] * 5
+    assert json.loads(Path(teacher.output).read_text())["teacher_id"].startswith("shapes-tiny")
     assert Path(note.output).read_text().strip() == base.output == notes_module.calls[0]
-    assert first.final is probe and first.checkpoint == Path(probe.output) and "ap50_novel" in first.metrics
+    assert first.final is probe and first.checkpoint == Path(probe.output)
+    # The eval stage scored the probe's checkpoint under its own settings: its metrics are the job's.
+    assert evaluation.output == probe.output and first.metrics is evaluation.metrics
+    assert evaluation.metrics["ap50_all"] <= probe.metrics["ap50_all"] + 1e-9
     # The probe started from the base phase and kept the frozen parts.
     before, after = load_model_checkpoint(base.output).state_dict, load_model_checkpoint(probe.output).state_dict
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("backbone.", "rpn.")))
@@ -94,19 +103,20 @@ def test_runner_chains_skips_and_tracks(tmp_path, tiny_overrides, ray_local, not
     tracker = tracker_from_config(load_config("experiments/vild_text_shapes", overrides))
     runs = tracker.client.search_runs([tracker.experiment_id])
     children = {r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == first.parent_run_id}
-    assert children == {base.mlflow_run_id, note.mlflow_run_id, probe.mlflow_run_id}
+    assert children == {teacher.mlflow_run_id, base.mlflow_run_id, note.mlflow_run_id, probe.mlflow_run_id,
+                        evaluation.mlflow_run_id}
     parent = tracker.client.get_run(first.parent_run_id)
     assert parent.data.metrics["ap50_novel"] == pytest.approx(first.metrics["ap50_novel"])
 
     # Again: every stage reused, the same parent run, no new MLflow run.
     again = run_recipe("experiments/vild_text_shapes", overrides, stages)
-    assert [s.skipped for s in again.stages] == [True, True, True] and len(notes_module.calls) == 1
+    assert [s.skipped for s in again.stages] == [True] * 5 and len(notes_module.calls) == 1
     assert again.parent_run_id == first.parent_run_id and again.checkpoint == first.checkpoint
     assert [s.seconds for s in again.stages] == [s.seconds for s in first.stages]  # what they took when they ran
     assert len(tracker.client.search_runs([tracker.experiment_id])) == len(runs)
 
     # A stage whose input changed runs again; the stages before it are reused.
-    changed = [stages[0], stages[1], Stage("probe", "train", overrides=("train.freeze=[backbone]",),
-                                           reads={"train.init_from": "base"})]
+    changed = [*stages[:3], Stage("probe", "train", overrides=("train.freeze=[backbone]",),
+                                  reads={"train.init_from": "base"}), stages[4]]
     third = run_recipe("experiments/vild_text_shapes", overrides, changed)
-    assert [s.skipped for s in third.stages] == [True, True, False]
+    assert [s.skipped for s in third.stages] == [True, True, True, False, False]  # the eval follows its training
