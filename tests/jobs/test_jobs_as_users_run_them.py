@@ -81,7 +81,8 @@ def only_run(db: Path, name_prefix: str, kind: str = "train"):
 def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     """The README's first command (after the install), shrunk to one seed: every method and
     the oracle, default work dir, own Ray, one comparison table."""
-    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD_DEMO], clone)
+    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD_DEMO], clone,
+                      timeout=2400)  # eight trainings, each with its Ray start-up
     for method in ("vild-text", "vild", "vild-ensemble", "lp-ovod", "lp-ovod w/o probe", "oracle"):
         assert re.search(rf"^\| {method} \| 1 \| (\d+\.\d|n/a) \| ", out, re.M), out[-4000:]
     assert out.count("[ovdlab train] step 2/4 (50%)") == 6, "each run's progress lines reach the console once"
