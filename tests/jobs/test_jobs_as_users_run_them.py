@@ -78,6 +78,7 @@ def only_run(db: Path, name_prefix: str, kind: str = "train"):
     return client, runs[0]
 
 
+@pytest.mark.timeout(2400)
 def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     """The README's first command (after the install), shrunk to one seed: every method and
     the oracle, default work dir, own Ray, one comparison table."""
@@ -229,6 +230,7 @@ def _run_until_probe_checkpoint(cmd: list[str], cwd: Path, timeout: float = 900)
     return "".join(lines)
 
 
+@pytest.mark.timeout(1800)
 def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_overrides):
     cmd = [PYTHON, "jobs/lp_ovod_shapes.py", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD]
     first = _run_until_probe_checkpoint(cmd, clone)
@@ -256,6 +258,7 @@ def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_over
     assert Path(pseudo.data.tags["output"]).name == "pseudo_labels.json"
 
 
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("kind", ["coco", "lvis"])
 def test_lp_ovod_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     """``--smoke``: the COCO / LVIS job end to end on a generated fixture in that layout
