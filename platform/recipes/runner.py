@@ -168,10 +168,9 @@ def _teacher(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, floa
 
 
 def _extract(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, float]]:
-    from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
     from ovdlab.platform.pipelines.extract import run_extraction
 
-    summary = run_extraction(resolve_backbone_weights(cfg), "train")
+    summary = run_extraction(cfg, "train")  # resolves a base-crops backbone itself (plan_extraction)
     return Path(summary.store), {}
 
 
