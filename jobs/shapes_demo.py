@@ -24,6 +24,10 @@ Rows (configs/experiments/<method>_shapes.yaml):
 - ``lp-ovod``: prototypes with focal loss and an image branch distilled on the same
   proposals, then retrieval of pseudo-labels for the novel classes and a linear probe of
   their prototypes; ``lp-ovod w/o probe`` is its base stage, evaluated before the probe;
+- ``ezsd``: a LayerNorm-tuned teacher, its CLIP proposals away from base objects and the
+  base boxes distilled with the teacher's confidence as weights, a learnable temperature
+  and class-conditioned box regression; ``ezsd-rpn-proposals`` distills ViLD's RPN
+  proposals instead, ``ezsd-untuned-teacher`` skips the tuning (the paper's ablations);
 - ``oracle``: ViLD-text trained with the novel boxes too -- the ceiling, not a method.
 
 Columns: AP50 of the held-out concept (``novel_concept``: stars, a shape no base box
@@ -62,17 +66,25 @@ COLUMNS = {
 }
 STAGE_ROWS = {"lp-ovod": ("base", "lp-ovod w/o probe")}
 """Rows of an earlier train stage of a recipe: method -> (stage name, row name)."""
+ABLATIONS = {
+    "ezsd-rpn-proposals": ("ezsd", "experiments/ezsd_rpn_shapes"),
+    "ezsd-untuned-teacher": ("ezsd", "experiments/ezsd_untuned_shapes"),
+}
+"""Rows of a method run with one ingredient swapped: row -> (method, experiment)."""
 PICTURE_FROM = ("vild", "vild-text")
 """The run whose detections the demo draws: the first of these that ran (last seed)."""
 
 
-def experiment(method: str) -> str:
-    """``configs/experiments/<method>_shapes.yaml`` (``vild-text`` -> ``vild_text_shapes``)."""
-    return f"experiments/{method.replace('-', '_')}_shapes"
+def experiment(row: str) -> str:
+    """``configs/experiments/<method>_shapes.yaml`` (``vild-text`` -> ``vild_text_shapes``),
+    or an ablation's own experiment."""
+    if row in ABLATIONS:
+        return ABLATIONS[row][1]
+    return f"experiments/{row.replace('-', '_')}_shapes"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    methods = [*available_methods(), ORACLE]
+    methods = [*available_methods(), *ABLATIONS, ORACLE]
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(_ordered(methods)),
                         help=f"comma-separated rows, from {', '.join(methods)} (default: all)")
@@ -97,16 +109,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def overrides_for(method: str, overrides: list[str]) -> list[str]:
-    """The overrides of ``method``'s runs: every plain one, and ``METHOD:key=value`` ones
-    of that method (a method's knob, e.g. LP-OVOD's ``method.retrieval_k``, exists only on
-    its own config, so it cannot go to every run)."""
+def overrides_for(row: str, overrides: list[str]) -> list[str]:
+    """The overrides of a row's runs: every plain one, and ``METHOD:key=value`` ones of
+    that row or of its method (a method's knob, e.g. LP-OVOD's ``method.retrieval_k``,
+    exists only on its own config, so it cannot go to every run; ``ezsd:`` reaches EZSD's
+    ablation rows too)."""
+    names = {row, ABLATIONS[row][0]} if row in ABLATIONS else {row}
     out = []
     for override in overrides:
         prefix, _, rest = override.partition(":")
         if "=" in prefix or not rest:
             out.append(override)
-        elif prefix == method:
+        elif prefix in names:
             out.append(rest)
     return out
 

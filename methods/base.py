@@ -122,6 +122,9 @@ class Method:
 
     name: str = "method"
     distills: bool = False
+    distills_ground_truth: bool = False
+    """Whether the region store holds the training split's ground-truth boxes besides
+    the configured proposals (EZSD distills both)."""
 
     def __init__(self, cfg: MethodConfig) -> None:
         self.cfg = cfg

@@ -17,6 +17,7 @@ METHODS: dict[str, str] = {
     "vild": "ovdlab.methods.vild:ViLD",
     "vild-ensemble": "ovdlab.methods.vild:ViLDEnsemble",
     "lp-ovod": "ovdlab.methods.lp_ovod:LPOVOD",
+    "ezsd": "ovdlab.methods.ezsd:EZSD",
 }
 
 

@@ -185,7 +185,22 @@ class LPOVODConfig(Section):
     objectness_floor: float = Field(0.6, ge=0, le=1)
 
 
-METHOD_CONFIGS: tuple[type[Section], ...] = (ViLDConfig, LPOVODConfig)
+class EZSDConfig(Section):
+    """EZSD (``methods/ezsd.py``, Liu, Hu & Nevatia 2023).
+
+    ``temperature``: the initial softmax temperature, learned (``learn_temperature``;
+    the paper's logit scale starts at 100). ``distill_weight``: the distillation factor
+    (1.0 COCO, 0.5 LVIS) multiplying ``512 x`` the confidence-weighted, element-wise
+    mean L1 between region and teacher embeddings.
+    """
+
+    name: Literal["ezsd"] = "ezsd"
+    temperature: float = Field(0.01, gt=0)
+    learn_temperature: bool = True
+    distill_weight: float = Field(1.0, ge=0)
+
+
+METHOD_CONFIGS: tuple[type[Section], ...] = (ViLDConfig, LPOVODConfig, EZSDConfig)
 """One config class per method family; its ``name`` Literal lists the methods it configures."""
 
 

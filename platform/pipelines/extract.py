@@ -47,6 +47,7 @@ from ovdlab.platform.pipelines import rows as R
 from ovdlab.platform.pipelines.stages import StageSpec, check_store_inputs, extraction_stage, images_fingerprint
 from ovdlab.platform.pipelines.workers import EmbedBatch, ProposeBatch, WriteBatch, decode_batch
 from ovdlab.platform.proposals.base import ProposalSource, build_proposal_source
+from ovdlab.platform.proposals.ground_truth import WithGroundTruth
 from ovdlab.platform.store.reader import is_complete
 from ovdlab.platform.store.schema import Manifest
 from ovdlab.platform.store.writer import RegionStoreWriter
@@ -196,8 +197,11 @@ def plan_extraction(cfg: ExperimentConfig, split: str = "train") -> ExtractionPl
     """Resolve dataset, teacher (for its digest), proposal source and the stage key.
 
     ``model.backbone_weights: base-crops`` is resolved to its file first (an RPN proposal
-    source builds the detector), so every caller plans the same store.
+    source builds the detector), so every caller plans the same store. A method that
+    distills its ground-truth boxes too (``Method.distills_ground_truth``: EZSD) gets
+    them stored with the source's proposals (:class:`WithGroundTruth`).
     """
+    from ovdlab.methods.registry import build_method
     from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
 
     ensure_dataset(cfg)
@@ -206,6 +210,8 @@ def plan_extraction(cfg: ExperimentConfig, split: str = "train") -> ExtractionPl
     checkpoint = teacher_checkpoint(cfg)
     teacher = load_teacher(cfg.teacher, cfg.work_path(), "cpu", checkpoint=checkpoint)
     source = build_proposal_source(cfg, dataset, embed_dim=teacher.embed_dim)
+    if cfg.proposals.source != "gt" and build_method(cfg.method).distills_ground_truth:
+        source = WithGroundTruth(source)
     images = images_fingerprint(dataset.image_dir, (dataset.image_info(i)["file_name"] for i in dataset.image_ids))
     stage = extraction_stage(
         cfg, split, dataset.ann_json, images, teacher.teacher_id, teacher.digest, source.fingerprint()

@@ -30,3 +30,35 @@ class GroundTruthSource:
         boxes = [a["bbox"] for a in annotations if not a.get("iscrowd", 0)]
         xyxy = xywh_to_xyxy(np.asarray(boxes, dtype=np.float32)) if boxes else np.zeros((0, 4), np.float32)
         return Proposals(xyxy, np.ones(len(xyxy), np.float32))
+
+
+class WithGroundTruth:
+    """Another source's proposals plus the image's ground-truth boxes (EZSD stage 3).
+
+    EZSD distills the teacher's embeddings of the base ground-truth boxes besides its
+    CLIP proposals, the ground truth with weight 1 (Liu, Hu & Nevatia 2023, Sec. 3.4):
+    so every ground-truth row gets score 1 and 1 in each extra column (a ``confidence``
+    of 1). Ground truth comes first, then the inner source's proposals, so a training
+    that reads the first regions of an image (evaluation order) reads the boxes it is
+    surest of. Its name, extra columns and accelerator needs are the inner source's; the
+    fingerprint says the ground truth is included, so the store has its own key.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.extra_names = tuple(inner.extra_names)
+        self.needs_accelerator = inner.needs_accelerator
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**self.inner.fingerprint(), "with_ground_truth": True}
+
+    def propose(self, image: np.ndarray, image_id: int, annotations: list[dict[str, Any]]) -> Proposals:
+        gt = GroundTruthSource().propose(image, image_id, annotations)
+        found = self.inner.propose(image, image_id, annotations)
+        ones = np.ones(len(gt), np.float32)
+        return Proposals(
+            np.concatenate([gt.boxes, found.boxes]),
+            np.concatenate([gt.scores, found.scores]),
+            {name: np.concatenate([ones, found.extras[name]]) for name in self.extra_names},
+        )
