@@ -18,9 +18,10 @@ final checkpoint, a post stage's file), e.g. ``{"proposals.checkpoint":
   with the stage's config (its ``reads`` bound) and a fresh folder; it returns the
   file or folder it wrote (LP-OVOD's pseudo-labels), which later stages read.
 - ``teacher``: the configured teacher made ready (``shapes-tiny`` pretrained once, a
-  hub model loaded); output: a JSON file naming it, its weights digest and checkpoint.
-  A training makes its teacher anyway; the stage tracks and times it on its own (and
-  is where EZSD's LN-tuned teacher will go).
+  hub model loaded; with ``teacher.ln_tuned``, LN-tuned once, EZSD's stage 1, its crop
+  accuracy before and after tuning the stage's metrics); output: a JSON file naming it,
+  its weights digest and checkpoint. A training makes its teacher anyway; the stage
+  tracks and times it on its own.
 - ``extract``: the training split's region store filled by the Ray Data pipeline
   (:func:`~ovdlab.platform.pipelines.extract.run_extraction`); output: the store folder.
 - ``eval``: the checkpoint of the latest ``train`` stage before it, evaluated under

@@ -29,6 +29,8 @@ PYTHON = sys.executable
 BIN = Path(sys.executable).parent
 SHRUNK_RUN = ["train.max_iter=4", "train.eval_period=2", "train.checkpoint_period=2"]
 LP_OVOD_DEMO = ["lp-ovod:method.objectness_floor=0"]
+DEMO_ROWS = ("vild-text", "vild", "vild-ensemble", "lp-ovod", "ezsd", "oracle")
+"""Every method and the oracle; EZSD's ablation rows run in the EZSD job test (CI time)."""
 """The tiny world's RPN after 4 steps scores every proposal near 0.5: no objectness floor.
 (Only a ``method.*`` override: another one would also reach LP-OVOD's borrowed proposal
 detector and make it a second ViLD-text training.)"""
@@ -82,11 +84,12 @@ def only_run(db: Path, name_prefix: str, kind: str = "train"):
 def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     """The README's first command (after the install), shrunk to one seed: every method and
     the oracle, default work dir, own Ray, one comparison table."""
-    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD_DEMO], clone,
-                      timeout=2400)  # eight trainings, each with its Ray start-up
-    for method in ("vild-text", "vild", "vild-ensemble", "lp-ovod", "lp-ovod w/o probe", "oracle"):
+    out = run_as_user([PYTHON, "jobs/shapes_demo.py", "--seeds", "0", "--methods", ",".join(DEMO_ROWS), *tiny_overrides,
+                       *SHRUNK_RUN, *LP_OVOD_DEMO], clone, timeout=2400)  # seven trainings, each with its Ray start-up
+    for method in (*DEMO_ROWS, "lp-ovod w/o probe"):
         assert re.search(rf"^\| {method} \| 1 \| (\d+\.\d|n/a) \| ", out, re.M), out[-4000:]
-    assert out.count("[ovdlab train] step 2/4 (50%)") == 6, "each run's progress lines reach the console once"
+    assert out.count("[ovdlab train] step 2/4 (50%)") == 7, "each run's progress lines reach the console once"
+    assert "teacher crop accuracy base " in out  # EZSD's teacher stage
     assert "[ovdlab train] step 4: evaluating 8 val.json images" in out
     assert "shapes world: train images 24/24 (100%)" in out
     for prefix in ("vild-text-shapes-", "vild-shapes-", "vild-ensemble-shapes-", "vild-text-oracle-shapes-"):
@@ -208,9 +211,9 @@ def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_p
 LP_OVOD = ["method.objectness_floor=0", "method.retrieval_k=4", "train.distill_per_image=8"]
 
 
-def _run_until_probe_checkpoint(cmd: list[str], cwd: Path, timeout: float = 900) -> str:
-    """Start ``cmd``; once the probe stage has written its first checkpoint, SIGKILL its
-    whole process group (driver and its local Ray). Returns the output up to then."""
+def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900) -> str:
+    """Start ``cmd``; once its train stage ``stage`` has written its first checkpoint,
+    SIGKILL its whole process group (driver and its local Ray). Returns the output up to then."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -219,7 +222,7 @@ def _run_until_probe_checkpoint(cmd: list[str], cwd: Path, timeout: float = 900)
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
-            in_probe = in_probe or "stage probe (train" in line
+            in_probe = in_probe or f"stage {stage} (train" in line
             if in_probe and "Checkpoint successfully created" in line:
                 break
             assert time.time() < deadline, "".join(lines[-200:])
@@ -233,7 +236,7 @@ def _run_until_probe_checkpoint(cmd: list[str], cwd: Path, timeout: float = 900)
 @pytest.mark.timeout(1800)
 def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_overrides):
     cmd = [PYTHON, "jobs/lp_ovod_shapes.py", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD]
-    first = _run_until_probe_checkpoint(cmd, clone)
+    first = _run_until_checkpoint_of("probe", cmd, clone)
     assert "stage retrieval (post" in first
     out = run_as_user(cmd, clone)
     for stage in ("proposal-detector (train)", "base (train)", "retrieval (post)"):
@@ -271,3 +274,42 @@ def test_lp_ovod_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     assert f"experiment '{kind}-smoke'" in out
     root = clone / "work" / "data" / f"{kind}-smoke"
     assert (root / "annotations").is_dir() and (root / "raw").is_dir()
+
+
+@pytest.mark.timeout(1800)
+def test_ezsd_job_with_rpn_proposals_runs_its_recipe_and_resumes_a_killed_training(clone, tiny_overrides):
+    """EZSD's proposal ablation as a user runs it: tuned teacher, the proposal detector
+    (ViLD-text's run, reused when the demo test made it), a store of RPN proposals and
+    ground-truth boxes, a training killed after its first checkpoint and resumed by rerun."""
+    cmd = [PYTHON, "jobs/ezsd_shapes.py", *tiny_overrides, *SHRUNK_RUN, "proposals.source=rpn"]
+    first = _run_until_checkpoint_of("train", cmd, clone)
+    assert "stage store (extract" in first
+    out = run_as_user(cmd, clone)
+    for stage in ("teacher (teacher)", "proposal-detector (train)", "store (extract)"):
+        assert f"stage {stage}: reused" in out, out[-4000:]
+    assert "resuming at step 2/4" in out and "teacher crop accuracy base " in out and "AP50 novel" in out
+
+    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
+    job = client.get_run(re.search(r"MLflow job run (\w+)", out).group(1))
+    assert job.data.tags["kind"] == "recipe" and job.data.tags["stages"] == "teacher,proposal-detector,store,train"
+    runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id]
+    names = [r.info.run_name for r in children]
+    assert len(set(names)) == len(names), names  # one child per stage that ran here, none twice after the resume
+    assert {"extract", "teacher", "train"} <= {r.data.tags.get("kind") for r in children}, names
+    assert len([n for n in names if n.startswith("ezsd-shapes-") and not n.endswith(("/teacher", "/store"))]) == 1, names
+    teacher = next(r for r in children if r.data.tags.get("kind") == "teacher")
+    assert {"teacher/acc_novel_before", "teacher/acc_novel_after"} <= set(teacher.data.metrics)
+    store = Path(next(r for r in children if r.data.tags.get("kind") == "extract").data.tags["output"])
+    assert json.loads((store / "manifest.json").read_text())["proposal_source"] == "rpn"
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("kind", ["coco", "lvis"])
+def test_ezsd_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
+    """``--smoke``: EZSD's COCO / LVIS job end to end on the layout fixture (CLIP proposals
+    from the LN-tuned random tiny teacher), default work dir, own Ray."""
+    out = run_as_user([PYTHON, f"jobs/ezsd_{kind}.py", "--smoke"], clone)
+    for stage in ("teacher (teacher)", "store (extract)", "train (train)"):
+        assert f"stage {stage}: " in out, out[-4000:]
+    assert "teacher crop accuracy base " in out and f"experiment '{kind}-smoke'" in out

@@ -62,3 +62,16 @@ def test_method_overrides_reach_only_that_methods_runs():
     assert shapes_demo.parse_args(["lp-ovod:method.retrieval_k=7"]).overrides == ["lp-ovod:method.retrieval_k=7"]
     with pytest.raises(SystemExit):
         shapes_demo.parse_args(["cliff:method.kl_weight=1"])
+
+
+def test_ablation_rows_run_their_own_experiment_and_take_their_methods_overrides():
+    """EZSD's ablations are rows of the default table, each its own experiment config, and
+    ``ezsd:`` overrides reach them as they reach EZSD's own row."""
+    rows = shapes_demo.parse_args([]).methods
+    assert {"ezsd", "ezsd-rpn-proposals", "ezsd-untuned-teacher"} <= set(rows) and rows[-1] == "oracle"
+    assert shapes_demo.experiment("ezsd-rpn-proposals") == "experiments/ezsd_rpn_shapes"
+    assert shapes_demo.experiment("ezsd") == "experiments/ezsd_shapes"
+    overrides = ["ezsd:method.distill_weight=0.5", "ezsd-untuned-teacher:seed=3"]
+    assert shapes_demo.overrides_for("ezsd-untuned-teacher", overrides) == ["method.distill_weight=0.5", "seed=3"]
+    assert shapes_demo.overrides_for("ezsd-rpn-proposals", overrides) == ["method.distill_weight=0.5"]
+    assert shapes_demo.overrides_for("ezsd", overrides) == ["method.distill_weight=0.5"]

@@ -192,3 +192,37 @@ def test_recipe_tunes_the_teacher_then_stores_then_trains():
     assert not load_config("experiments/ezsd_untuned_shapes").teacher.ln_tuned
     assert load_config("experiments/ezsd_lvis").method.distill_weight == 0.5
     assert load_config("experiments/ezsd_coco").method.distill_weight == 1.0
+
+
+class _SpyEZSD(EZSD):
+    """EZSD that records the distillation weights and images it is handed."""
+
+    seen: list[DistillOutputs] = []
+
+    def losses(self, head, head_out, labels, vocab, distill):
+        self.seen.append(distill)
+        return super().losses(head, head_out, labels, vocab, distill)
+
+
+def test_the_confidence_column_reaches_the_loss_unchanged():
+    """The data path's ``distill_weights`` (the store's ``confidence``) arrive in
+    ``DistillOutputs.weights`` as they were, with each box's image; an image without
+    weights gets 1s."""
+    torch.manual_seed(0)
+    method = _SpyEZSD(EZSDConfig())
+    model = build_detector(CFG, method, 8)
+    model.set_vocabulary(Vocabulary.trained(F.normalize(torch.randn(3, 8), dim=1)))
+    model.train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    confidence = torch.tensor([1.0, 0.37, 0.81])
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0]]), "labels": torch.tensor([2]),
+         "distill_boxes": torch.tensor([[4.0, 6.0, 40.0, 44.0], [30.0, 30.0, 60.0, 60.0], [0.0, 0.0, 20.0, 20.0]]),
+         "distill_embeddings": torch.randn(3, 8), "distill_weights": confidence},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "distill_boxes": torch.tensor([[8.0, 8.0, 50.0, 50.0]]), "distill_embeddings": torch.randn(1, 8)},
+    ]
+    model(images, targets)
+    seen = method.seen[-1]
+    assert torch.equal(seen.weights, torch.cat([confidence, torch.ones(1)]))
+    assert seen.image_index.tolist() == [0, 0, 0, 1]

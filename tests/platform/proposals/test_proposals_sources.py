@@ -19,6 +19,7 @@ from ovdlab.platform.proposals import (
     build_proposal_source,
     fit_to_image,
 )
+from ovdlab.platform.proposals.ground_truth import WithGroundTruth
 
 IMAGE = np.zeros((60, 80, 3), np.uint8)
 
@@ -53,6 +54,29 @@ def test_ground_truth_boxes_are_xyxy_without_crowd(dataset):
     assert p.boxes.dtype == np.float32 and p.extras == {}
     empty = source.propose(IMAGE, 7, dataset.annotations(7))
     assert len(empty) == 0 and empty.boxes.shape == (0, 4)
+
+
+class _Fixed:
+    """A source without extra columns (as the RPN's) returning two fixed boxes."""
+
+    name, extra_names, needs_accelerator = "rpn", (), False
+
+    def fingerprint(self):
+        return {"checkpoint": "x"}
+
+    def propose(self, image, image_id, annotations):
+        return Proposals(np.array([[1, 1, 9, 9], [20, 20, 40, 50]], np.float32), np.array([0.9, 0.4], np.float32))
+
+
+def test_ground_truth_joins_another_sources_proposals_first(dataset):
+    source = WithGroundTruth(_Fixed())
+    p = source.propose(IMAGE, 3, dataset.annotations(3))
+    np.testing.assert_array_equal(p.boxes, [[10, 5, 30, 35], [50, 10, 60, 20], [1, 1, 9, 9], [20, 20, 40, 50]])
+    np.testing.assert_allclose(p.scores, [1, 1, 0.9, 0.4])
+    assert p.extras == {} and source.name == "rpn" and source.extra_names == ()
+    assert source.fingerprint() == {"checkpoint": "x", "with_ground_truth": True}
+    assert len(source.propose(IMAGE, 7, dataset.annotations(7))) == 2  # no annotations: the proposals alone
+    assert pickle.loads(pickle.dumps(source)).fingerprint() == source.fingerprint()
 
 
 def _write(tmp_path, name, obj):

@@ -72,3 +72,21 @@ def test_dataset_without_base_categories_is_an_error(tiny_teacher, small_world, 
     ann.write_text(json.dumps(coco))
     with pytest.raises(ValueError, match="no base categories"):
         tune_layernorm(tiny_teacher, OVDDataset(ann, small_world / "images" / "val"), tmp_path / "x.pt", epochs=1)
+
+
+def test_an_experiment_tunes_its_teacher_once_and_measures_crop_accuracy(tmp_path, tiny_overrides):
+    """EZSD stage 1 for a config: tuned on the training split, keyed, reused by a second call,
+    loaded by ``teacher.ln_tuned``; accuracies before and after for base and novel classes."""
+    from ovdlab.platform.config import load_config
+    from ovdlab.platform.teacher.ln_tuning import ensure_ln_tuned
+
+    cfg = load_config("experiments/ezsd_shapes", [f"work_dir={tmp_path}", *tiny_overrides])
+    path, metrics = ensure_ln_tuned(cfg)
+    assert path.is_file() and path.parent == tmp_path / "teachers" and read_sidecar(path)["kind"] == "ln-tuned"
+    for when in ("before", "after"):
+        for kind in ("base", "novel", "novel_concept"):
+            assert 0.0 <= metrics[f"teacher/acc_{kind}_{when}"] <= 1.0
+    stamp = path.stat().st_mtime_ns
+    again, metrics_again = ensure_ln_tuned(cfg)
+    assert again == path and path.stat().st_mtime_ns == stamp and metrics_again == metrics
+    assert load_teacher(cfg.teacher, tmp_path).digest == read_sidecar(path)["digest"]
