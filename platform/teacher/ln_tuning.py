@@ -16,6 +16,7 @@ the checkpoint tuned from exactly the configured base.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from pathlib import Path
@@ -182,7 +183,8 @@ def ensure_ln_tuned(cfg: ExperimentConfig) -> tuple[Path, dict[str, float]]:
 
     The tuned checkpoint is keyed by the base weights, the training annotations and the
     schedule (:func:`ln_checkpoint_path`): a second experiment on the same data reuses it,
-    and ``teacher.ln_tuned: true`` then loads it by the base's digest.
+    and ``teacher.ln_tuned: true`` then loads it by the base's digest. The accuracies are
+    kept next to it, keyed by the validation annotations, so they are measured once too.
     """
     from ovdlab.platform.data.catalog import ensure_dataset, load_dataset
     from ovdlab.platform.pipelines.extract import teacher_checkpoint
@@ -197,10 +199,15 @@ def ensure_ln_tuned(cfg: ExperimentConfig) -> tuple[Path, dict[str, float]]:
     if not path.is_file():
         tune_layernorm(base, train_set, path)
     tuned = load_teacher(cfg.teacher.model_copy(update={"ln_tuned": True}), cfg.work_path(), checkpoint=path)
-    metrics: dict[str, float] = {}
-    for when, teacher in (("before", base), ("after", tuned)):
-        acc = zero_shot_accuracy(teacher, val_set, CROP)
-        metrics.update({f"teacher/{k}_{when}": float(v) for k, v in acc.items() if k.startswith("acc_")})
+    scores = path.with_name(f"{path.stem}-accuracy-{file_digest(val_set.ann_json)}.json")
+    if scores.is_file():  # every seed's teacher stage asks again; the crops are embedded once
+        metrics = json.loads(scores.read_text())
+    else:
+        metrics = {}
+        for when, teacher in (("before", base), ("after", tuned)):
+            acc = zero_shot_accuracy(teacher, val_set, CROP)
+            metrics.update({f"teacher/{k}_{when}": float(v) for k, v in acc.items() if k.startswith("acc_")})
+        scores.write_text(json.dumps(metrics, indent=2))
     log.info("LN tuning: novel crop accuracy %.3f -> %.3f, base %.3f -> %.3f", metrics["teacher/acc_novel_before"],
              metrics["teacher/acc_novel_after"], metrics["teacher/acc_base_before"], metrics["teacher/acc_base_after"])
     return path, metrics

@@ -89,4 +89,5 @@ def test_an_experiment_tunes_its_teacher_once_and_measures_crop_accuracy(tmp_pat
     stamp = path.stat().st_mtime_ns
     again, metrics_again = ensure_ln_tuned(cfg)
     assert again == path and path.stat().st_mtime_ns == stamp and metrics_again == metrics
+    assert len(list(path.parent.glob(f"{path.stem}-accuracy-*.json"))) == 1  # measured once, then read
     assert load_teacher(cfg.teacher, tmp_path).digest == read_sidecar(path)["digest"]
