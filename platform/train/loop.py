@@ -445,6 +445,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
         log.info("rank %d resumes at step %d", session.rank, start)
     summary = LoopSummary(start_step=start, end_step=start)
     end = tcfg.max_iter if args.stop_at is None else min(args.stop_at, tcfg.max_iter)
+    progress = _Progress(rank0, start, end, tcfg.max_iter)
     if start >= end:
         return summary
 
@@ -457,7 +458,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     params = [p for p in raw.parameters() if p.requires_grad]
     pending: list[tuple[int, dict[str, torch.Tensor]]] = []
     set_train_mode(model, frozen_norms)
-    progress = _Progress(rank0, start, end, tcfg.max_iter)
+    progress.restart_clock()
     for step in range(start, end):
         t0 = time.perf_counter()
         images, targets, skipped = next(batches)
@@ -532,7 +533,12 @@ class _Progress:
         self.enabled, self.start, self.end, self.total = enabled, start, end, total
         self.t0 = time.perf_counter()
         if start:
-            self.say(f"resuming at step {start}/{total}")
+            done = ": nothing left to train" if start >= end else ""
+            self.say(f"resuming at step {start}/{total}{done}")
+
+    def restart_clock(self) -> None:
+        """Steps per second count from the first step, not from loading the data."""
+        self.t0 = time.perf_counter()
 
     def say(self, message: str) -> None:
         if self.enabled:

@@ -22,7 +22,7 @@ from ovdlab.platform.train.loop import (
 from ovdlab.platform.train.trainer import RUN_INFO, prepare_training, run_dir_for, train
 
 
-def test_losses_fall_in_process(tiny_cfg_factory):
+def test_losses_fall_in_process(tiny_cfg_factory, capsys):
     # 8 training images in batches of 4: every step revisits them, so the fall is not noise.
     cfg = tiny_cfg_factory(
         ["train.max_iter=40", "train.checkpoint_period=20", "train.lr=0.02", "dataset.shapes.train_images=8", "train.batch_size=4"]
@@ -50,9 +50,12 @@ def test_losses_fall_in_process(tiny_cfg_factory):
     assert ckpt.meta["train_classes"] == prepared.train_classes
     assert len(ckpt.meta["eval_classes"]) == 20 and ckpt.cfg.work_dir == str(cfg.work_path())
 
-    # A second run over the same storage resumes from step 40: nothing left to do.
+    # A second run over the same storage resumes from step 40: nothing left to do, and says so
+    # (a rerun after a kill that landed behind the last checkpoint is still a resume).
+    capsys.readouterr()
     again = run_loop(LoopArgs(cfg=cfg.model_dump(mode="json"), text_path=str(prepared.text_path)), session)
     assert again.start_step == 40 and again.losses == []
+    assert "resuming at step 40/40: nothing left to train" in capsys.readouterr().out
 
 
 def test_batch_must_divide_over_workers(tiny_cfg_factory):
@@ -79,6 +82,11 @@ def test_two_gloo_workers_stop_and_resume_into_one_mlflow_run(tiny_cfg_factory, 
     assert second.mlflow_run_id == first.mlflow_run_id
     assert second.checkpoint is not None and load_trainer_state(second.checkpoint)["step"] == 8  # the last one
     assert second.metrics is not None and second.results_path is not None and second.results_path.is_file()
+
+    # Rerun after the last checkpoint (a driver killed between it and the stage's record):
+    # nothing is trained again and the run still completes with its metrics.
+    third = train(cfg, max_failures=0)
+    assert third.completed and third.step == 8 and third.metrics.as_dict() == second.metrics.as_dict()
 
     client = MlflowClient(second.tracking_uri)
     exp = client.get_experiment_by_name(second.experiment)
