@@ -18,6 +18,7 @@ METHODS: dict[str, str] = {
     "vild-ensemble": "ovdlab.methods.vild:ViLDEnsemble",
     "lp-ovod": "ovdlab.methods.lp_ovod:LPOVOD",
     "ezsd": "ovdlab.methods.ezsd:EZSD",
+    "cliff": "ovdlab.methods.cliff.method:CLIFF",
 }
 
 

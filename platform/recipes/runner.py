@@ -31,7 +31,7 @@ from typing import Callable
 
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import ExperimentConfig, content_key, load_config
-from ovdlab.platform.evaluation.tables import headline
+from ovdlab.platform.evaluation.tables import headline, mean_std
 from ovdlab.platform.recipes.stages import Stage, check_recipe
 from ovdlab.platform.tracking import Tracker, tracker_from_config
 from ovdlab.platform.train.trainer import run_name_for, train
@@ -201,11 +201,31 @@ def _extract(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, floa
 
 
 def _eval(cfg: ExperimentConfig, checkpoint: str, tracker: Tracker) -> tuple[Path, dict[str, float]]:
+    """The checkpoint evaluated with ``eval.seeds`` sampling seeds from ``eval.seed`` on:
+    each seed's metrics logged at step = its seed, the mean as the stage's metrics and the
+    sample standard deviation as ``<metric>_std`` (with one seed, its metrics)."""
     from ovdlab.platform.train.evaluate import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(checkpoint, cfg=cfg).metrics.as_dict()
+    per_seed: list[dict[str, float]] = []
+    for seed in range(cfg.eval.seed, cfg.eval.seed + cfg.eval.seeds):
+        seeded = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"seed": seed})})
+        metrics = evaluate_checkpoint(checkpoint, cfg=seeded).metrics.as_dict()
+        per_seed.append(metrics)
+        tracker.log_metrics({f"seeds/{k}": v for k, v in metrics.items()}, step=seed)
+        log.info("eval seed %d: %s", seed, headline(metrics))
+    metrics = over_seeds(per_seed)
     tracker.log_metrics(metrics)
     return Path(checkpoint), metrics
+
+
+def over_seeds(per_seed: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Every metric's mean over the seeds, plus ``<metric>_std`` when there are several."""
+    if len(per_seed) == 1:
+        return dict(per_seed[0])
+    out: dict[str, float] = {}
+    for key in per_seed[0]:
+        out[key], out[f"{key}_std"] = mean_std([m[key] for m in per_seed])
+    return out
 
 
 def _run_step(

@@ -170,9 +170,9 @@ def test_method_name_must_be_implemented_before_any_work():
     from ovdlab.platform.config import method_names
 
     assert sorted(method_names()) == available_methods()
-    with pytest.raises(ConfigError, match=r"method\.name: 'cliff' is not implemented; implemented methods: "
+    with pytest.raises(ConfigError, match=r"method\.name: 'detic' is not implemented; implemented methods: "
                                           + ", ".join(method_names())):
-        load_config(None, ["method.name=cliff"])
+        load_config(None, ["method.name=detic"])
     for name in available_methods():
         assert load_config(None, [f"method.name={name}"]).method.name == name
 
