@@ -198,3 +198,15 @@ def test_unusable_tracking_uri_fails_at_load_naming_the_field(uri):
     """Checked with the config, before any Ray work (it failed inside MLflow before)."""
     with pytest.raises(ConfigError, match=r"tracking\.uri: .*use a filesystem path"):
         load_config(None, [f"tracking.uri={uri}"])
+
+
+def test_a_layer_naming_another_method_replaces_the_method_section():
+    """CLIFF's shapes experiment builds on ViLD-text's (its schedule) without inheriting
+    ViLD's knobs; a layer of the same method still merges key by key."""
+    from ovdlab.platform.config import merge_layer
+
+    vild = {"method": {"name": "vild-text", "temperature": 0.01}, "train": {"max_iter": 350}}
+    assert merge_layer(vild, {"method": {"name": "cliff"}}) == {"method": {"name": "cliff"}, "train": {"max_iter": 350}}
+    assert merge_layer(vild, {"method": {"temperature": 0.02}})["method"] == {"name": "vild-text", "temperature": 0.02}
+    cfg = load_config("experiments/cliff_shapes")
+    assert cfg.method.name == "cliff" and cfg.train.max_iter == 350 and cfg.train.optimizer == "adamw"
