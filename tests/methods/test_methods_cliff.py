@@ -171,7 +171,8 @@ def test_recipe_chains_three_phases_and_evaluates_over_seeds():
     assert "train.max_iter=74" in three.overrides and three.reads["train.init_from"] == "obj-img-txt"
     assert f"train.lr={cfg.train.lr * 0.1:g}" in three.overrides
     assert all(s.reads["proposals.checkpoint"] == "proposal-detector" for s in (one, two, three))
-    assert evaluation.kind == "eval" and cfg.eval.seeds == 3 and cfg.model.neck == "c4"
+    assert evaluation.kind == "eval" and cfg.eval.seeds == 3 and cfg.model.neck == "fpn"
+    assert load_config("experiments/cliff_coco").model.neck == "c4"
     assert load_config("experiments/cliff_coco").train.max_iter == sum(phase_lengths(570000, [3, 12, 4]))
 
 
