@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from ovdlab.platform.code_shipping import (
+    OVERRIDE_JOB_RUNTIME_ENV,
+    SUBMITTED_JOB_ENV,
+    submitted_py_modules,
+    with_shipped_code,
+)
 from ovdlab.platform.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
@@ -15,8 +23,6 @@ log = logging.getLogger(__name__)
 ADDRESS_ENV = "RAY_ADDRESS"
 GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
 """Read by a local Ray start for its GCS port (``ray._private.node``)."""
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
-"""Set by Ray's job supervisor in the environment of a ``ray job submit`` entrypoint."""
 
 
 def init_address(configured: str | None) -> str:
@@ -31,7 +37,12 @@ def init_address(configured: str | None) -> str:
 
 
 def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
-    """``ray.init`` at :func:`init_address`; a local Ray is started so its workers know its address.
+    """``ray.init`` at :func:`init_address`: a cluster gets the job's code, a local Ray its own address.
+
+    Joining a cluster (any address but ``"local"``, e.g. inside ``ray job submit``), the
+    driver's ovdlab is staged and added to the runtime env's ``py_modules``
+    (:mod:`ovdlab.platform.code_shipping`), so that workers on nodes that never installed
+    ovdlab run the job. A local Ray runs in the driver's own environment and gets none.
 
     With several Ray instances on one machine (two jobs, a job next to a test session),
     Ray Train V2's placement-group cleaner -- an actor that asks the State API whether
@@ -45,21 +56,31 @@ def init_ray(address: str | None = None, **init_kwargs: Any) -> None:
     from ray._private.services import get_node_ip_address
 
     target = init_address(address)
+    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     if target != "local":
-        ray.init(address=target, **init_kwargs)
+        shipped = with_shipped_code(runtime_env)
+        with _environment(OVERRIDE_JOB_RUNTIME_ENV, "1") if submitted_py_modules() else nullcontext():
+            ray.init(address=target, runtime_env=shipped, **init_kwargs)
         return
     port = _free_port()
-    runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), ADDRESS_ENV: f"{get_node_ip_address()}:{port}"}
-    previous = os.environ.get(GCS_PORT_ENV)
-    os.environ[GCS_PORT_ENV] = str(port)
-    try:
+    with _environment(GCS_PORT_ENV, str(port)):
         ray.init(address="local", runtime_env=runtime_env, **init_kwargs)
+
+
+@contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block, then as it was: later subprocesses of
+    the driver must not inherit a setting meant for one ``ray.init``."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
     finally:
         if previous is None:
-            os.environ.pop(GCS_PORT_ENV, None)
+            os.environ.pop(name, None)
         else:
-            os.environ[GCS_PORT_ENV] = previous
+            os.environ[name] = previous
 
 
 def _free_port() -> int:

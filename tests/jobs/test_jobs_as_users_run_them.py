@@ -37,21 +37,6 @@ detector and make it a second ViLD-text training.)"""
 TABLE = re.compile(r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d")
 
 
-@pytest.fixture(scope="module")
-def clone(tmp_path_factory, repo_root) -> Path:
-    """The repository's files as a fresh clone has them (tracked, plus new files not ignored)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo_root,
-                            capture_output=True, check=True).stdout.decode().split("\0")
-    dest = tmp_path_factory.mktemp("clone") / "ovdlab"
-    for name in filter(None, listed):
-        src = repo_root / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            (dest / name).write_bytes(src.read_bytes())
-    assert not (dest / "work").exists() and (dest / "jobs" / "shapes_demo.py").is_file()
-    return dest
-
-
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a user's shell: no Ray address, offline hub, this venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"}}
@@ -211,10 +196,10 @@ def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_p
 LP_OVOD = ["method.objectness_floor=0", "method.retrieval_k=4", "train.distill_per_image=8"]
 
 
-def resumed(out: str) -> bool:
-    """Whether the rerun continued the killed training from a checkpoint (step 2, or 4
-    when the killed run had already written its last one before the kill landed)."""
-    return re.search(r"resuming at step [24]/4", out) is not None
+def resumed(out: str, total: int = 4) -> bool:
+    """Whether the rerun continued the killed training from a checkpoint (step 2, or the
+    last step when the killed run had already written its last one before the kill landed)."""
+    return re.search(rf"resuming at step (2|{total})/{total}", out) is not None
 
 
 def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900) -> str:
@@ -319,3 +304,51 @@ def test_ezsd_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     for stage in ("teacher (teacher)", "store (extract)", "train (train)"):
         assert f"stage {stage}: " in out, out[-4000:]
     assert "teacher crop accuracy base " in out and f"experiment '{kind}-smoke'" in out
+
+
+CLIFF = ["train.max_iter=4", "train.checkpoint_period=2", "eval.seeds=2"]
+"""Phases of 1, 3 and 1 steps (``method.stage_split`` 3 : 12 : 4 of 4); two sampling seeds."""
+
+
+@pytest.mark.timeout(1800)
+def test_cliff_job_chains_three_phases_resumes_a_killed_one_and_evaluates_over_seeds(clone, tiny_overrides):
+    """CLIFF as a user runs it: the proposal detector, stage 1, stage 2 killed after its first
+    checkpoint and resumed by rerun from there, the final phase, and the evaluation over two
+    sampling seeds whose mean and spread become the job's metrics."""
+    cmd = [PYTHON, "jobs/cliff_shapes.py", *tiny_overrides, *CLIFF]
+    first = _run_until_checkpoint_of("obj-img-txt", cmd, clone)
+    assert "stage obj-txt (train" in first
+    out = run_as_user(cmd, clone)
+    for stage in ("proposal-detector (train)", "obj-txt (train)"):
+        assert f"stage {stage}: reused" in out, out[-4000:]
+    assert resumed(out, total=3), out[-4000:]
+    assert "stage final (train): " in out and "stage eval (eval): " in out
+
+    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
+    job = client.get_run(re.search(r"MLflow job run (\w+)", out).group(1))
+    assert job.data.tags["stages"] == "proposal-detector,obj-txt,obj-img-txt,final,eval"
+    assert job.data.tags["metrics_stage"] == "eval"
+    assert {"ap50_novel", "ap50_novel_std", "ap50_base_std"} <= set(job.data.metrics)
+    runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
+    evaluation = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id
+                      and r.data.tags.get("kind") == "eval")
+    seeds = client.get_metric_history(evaluation.info.run_id, "seeds/ap50_novel")
+    assert sorted(m.step for m in seeds) == [0, 1]
+    mean = sum(m.value for m in seeds) / 2
+    assert job.data.metrics["ap50_novel"] == pytest.approx(mean)
+    # Stage 2 started from stage 1's weights and trained the image chain; stage 1 did not.
+    phases = {r.data.params.get("train.max_iter"): r for r in runs
+              if r.data.tags.get("mlflow.parentRunId") == job.info.run_id and r.data.tags.get("kind") == "train"}
+    assert phases["3"].data.params["method.image_chain"] == "true"
+    assert phases["3"].data.params["train.init_from"].startswith(str(clone / "work" / "runs" / "cliff-shapes-"))
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("kind", ["coco", "lvis"])
+def test_cliff_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
+    """``--smoke``: CLIFF's COCO / LVIS job end to end on the layout fixture: R50-C4's
+    structure at ResNet-18, the three phases and the three-seed evaluation."""
+    out = run_as_user([PYTHON, f"jobs/cliff_{kind}.py", "--smoke"], clone)
+    for stage in ("proposal-detector (train)", "obj-txt (train)", "obj-img-txt (train)", "final (train)", "eval (eval)"):
+        assert f"stage {stage}: " in out, out[-4000:]
+    assert f"experiment '{kind}-smoke'" in out
