@@ -48,7 +48,7 @@ from ovdlab.platform.pipelines.stages import StageSpec, check_store_inputs, extr
 from ovdlab.platform.pipelines.workers import EmbedBatch, ProposeBatch, WriteBatch, decode_batch
 from ovdlab.platform.proposals.base import ProposalSource, build_proposal_source
 from ovdlab.platform.proposals.ground_truth import WithGroundTruth
-from ovdlab.platform.store.reader import is_complete
+from ovdlab.platform.store.reader import RegionStore, is_complete
 from ovdlab.platform.store.schema import Manifest
 from ovdlab.platform.store.writer import RegionStoreWriter
 from ovdlab.platform.teacher.loading import TINY_MODEL, Teacher, load_teacher
@@ -308,7 +308,7 @@ def run_extraction(cfg: ExperimentConfig, split: str = "train", plan: Extraction
         manifest = Manifest.load(root)
         check_store_inputs(root, manifest.fields.get("stage_inputs"), plan.stage.inputs)
         log.info("region store %s is complete; reusing it", root)
-        return _summary(plan, manifest, 0, start, skipped=True)
+        return _checked(_summary(plan, manifest, 0, start, skipped=True))
     writer = plan.writer()
     done = writer.done_image_ids()
     todo = [i for i in plan.dataset.image_ids if i not in done]
@@ -317,6 +317,18 @@ def run_extraction(cfg: ExperimentConfig, split: str = "train", plan: Extraction
     manifest = writer.finalize()
     summary = _summary(plan, manifest, processed, start, skipped=False, startup=startup)
     log.info("%s", summary.format())
+    return _checked(summary)
+
+
+def _checked(summary: ExtractionSummary) -> ExtractionSummary:
+    """Fail when every image failed: a store with no regions is a broken input (a proposal
+    checkpoint that does not load, a missing image folder), not a result to train on."""
+    if summary.images == 0 and summary.failures > 0:
+        first = RegionStore(summary.store).failures()[0]
+        raise RuntimeError(
+            f"region store {summary.store}: all {summary.failures} {summary.split} images failed, e.g. image "
+            f"{first.image_id} at stage {first.stage}: {first.error} (every error is in the store's failures table)"
+        )
     return summary
 
 
@@ -353,4 +365,4 @@ def extract_in_process(
             processed += len(R.write_rows(writer, pending))
             pending = []
     manifest = writer.finalize()
-    return _summary(plan, manifest, processed, start, skipped=False)
+    return _checked(_summary(plan, manifest, processed, start, skipped=False))

@@ -170,7 +170,10 @@ def build_proposal_source(
             )
         if embed_dim is None:
             raise ValueError("proposals.source 'rpn' needs embed_dim (the teacher's) to rebuild the detector")
+        from ovdlab.platform.train.checkpoint import trained_with
+
+        model_cfg, method_cfg = trained_with(pcfg.checkpoint, cfg)
         return RPNProposalSource(
-            pcfg.checkpoint, cfg.model, cfg.method, embed_dim, per_image=pcfg.per_image, device=device
+            pcfg.checkpoint, model_cfg, method_cfg, embed_dim, per_image=pcfg.per_image, device=device
         )
     raise ValueError(f"unknown proposals.source {pcfg.source!r}; choose one of gt, file, clip, rpn")

@@ -27,7 +27,7 @@ import torch
 import yaml
 from torch import nn
 
-from ovdlab.platform.config import ExperimentConfig, build_config, dump_yaml
+from ovdlab.platform.config import ExperimentConfig, MethodConfig, ModelConfig, build_config, dump_yaml
 
 MODEL_FILE = "model.pt"
 TRAINER_FILE = "trainer.pt"
@@ -159,6 +159,18 @@ def load_model_checkpoint(path: str | Path, cfg: ExperimentConfig | None = None)
         raw = yaml.safe_load(_require(directory / CONFIG_FILE, "checkpoint config").read_text())
         cfg = build_config(raw)
     return ModelCheckpoint(path=directory, cfg=cfg, state_dict=state_dict, meta=dict(meta))
+
+
+def trained_with(path: str | Path, cfg: ExperimentConfig) -> tuple[ModelConfig, MethodConfig]:
+    """The model and method configs the checkpoint at ``path`` was trained with (its stored
+    config), or ``cfg``'s for a bare state-dict file: a proposal detector is rebuilt as it
+    was trained, whatever detector the job reading its proposals uses (CLIFF's C4 reads
+    the RPN of ViLD-text's FPN)."""
+    stored = resolve_checkpoint(path, what="proposals.checkpoint").parent / CONFIG_FILE
+    if not stored.is_file():
+        return cfg.model, cfg.method
+    trained = build_config(yaml.safe_load(stored.read_text()))
+    return trained.model, trained.method
 
 
 def load_init_weights(model: nn.Module, path: str | Path, cfg: ExperimentConfig) -> ModelCheckpoint:

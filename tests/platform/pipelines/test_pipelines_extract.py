@@ -118,6 +118,17 @@ def test_bad_images_become_failures_in_process(broken_world, tmp_path):
     assert "4 failures" in summary.format()
 
 
+def test_a_store_where_every_image_failed_is_an_error_naming_one(broken_world, tmp_path):
+    """Nothing to train on is not a result: e.g. a proposal checkpoint that does not load
+    fails every image; the error says how, instead of a training on an empty store."""
+    overrides, _ = broken_world
+    (tmp_path / "empty").mkdir()
+    cfg = _config(tmp_path / "work", *overrides, f"dataset.train_images={tmp_path / 'empty'}")
+    with pytest.raises(RuntimeError, match=rf"all {TRAIN_IMAGES} train images failed, e.g. image \d+ at stage "
+                                           r"decode: .*file not found"):
+        extract_in_process(cfg, "train")
+
+
 @pytest.mark.slow
 def test_ray_pipeline_records_failures_matches_the_loop_and_is_reused(ray_local, broken_world, tmp_path):
     overrides, expected = broken_world

@@ -84,3 +84,25 @@ def test_rpn_refuses_a_malicious_checkpoint(tmp_path):
     source = RPNProposalSource(path, MODEL, METHOD, EMBED_DIM, per_image=5)
     with pytest.raises(CheckpointError, match=f"{path} is not a valid ovdlab checkpoint: .*non-tensor"):
         source.propose(np.zeros((64, 64, 3), np.uint8), 1, [])
+
+
+def test_a_proposal_detector_is_rebuilt_as_it_was_trained(tmp_path, checkpoint):
+    """CLIFF (C4) reads the RPN of ViLD-text's FPN training: the proposer takes the model
+    config stored with the checkpoint, not the reading job's (a bare state dict: the job's)."""
+    from ovdlab.platform.config import ExperimentConfig
+    from ovdlab.platform.proposals import build_proposal_source
+    from ovdlab.platform.train.checkpoint import save_checkpoint, trained_with
+
+    path, model = checkpoint
+    trained = ExperimentConfig(model=MODEL, method=METHOD, work_dir=str(tmp_path))
+    folder = save_checkpoint(tmp_path / "checkpoint_000004", trained, model.state_dict(), {})
+    reader = ExperimentConfig.model_validate({
+        "work_dir": str(tmp_path), "model": {**MODEL.model_dump(), "neck": "c4"}, "method": {"name": "cliff"},
+        "proposals": {"source": "rpn", "checkpoint": str(folder), "per_image": 5},
+    })
+    assert trained_with(folder, reader) == (MODEL, METHOD)
+    assert trained_with(path, reader) == (reader.model, reader.method)
+    source = build_proposal_source(reader, None, embed_dim=EMBED_DIM)
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    expected = RPNProposalSource(path, MODEL, METHOD, EMBED_DIM, per_image=5).propose(image, 1, [])
+    np.testing.assert_array_equal(source.propose(image, 1, []).boxes, expected.boxes)
