@@ -32,9 +32,17 @@ def headline(metrics: dict[str, float]) -> str:
     ``AP .. | APr .. | APc .. | APf ..`` (LVIS), from a metrics dict (as a training
     reports it and the jobs print it)."""
     if "ap50_novel" not in metrics:
-        return " | ".join(f"{name} {_fmt(metrics[key])}" for key, name in (("ap", "AP"), ("apr", "APr"), ("apc", "APc"), ("apf", "APf")) if key in metrics)
+        keys = (("ap", "AP"), ("apr", "APr"), ("apc", "APc"), ("apf", "APf"))
+        return " | ".join(f"{name} {_fmt(metrics[key])}" for key, name in keys if key in metrics) + _spread(metrics, keys)
     kinds = "".join(f" | {k[len('ap50_'):]} {metrics[k]:.1f}" for k in ("ap50_novel_comp", "ap50_novel_concept") if k in metrics)
-    return f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
+    line = f"AP50 novel {metrics['ap50_novel']:.1f} | base {metrics['ap50_base']:.1f} | all {metrics['ap50_all']:.1f}{kinds}"
+    return line + _spread(metrics, (("ap50_novel", "novel"), ("ap50_base", "base"), ("ap50_all", "all")))
+
+
+def _spread(metrics: dict[str, float], keys: tuple[tuple[str, str], ...]) -> str:
+    """`` (std over sampling seeds: novel 0.4, ...)`` when an evaluation over seeds gave ``<key>_std``."""
+    spread = [f"{name} {_fmt(metrics[f'{key}_std'])}" for key, name in keys if f"{key}_std" in metrics]
+    return f" (std over sampling seeds: {', '.join(spread)})" if spread else ""
 
 
 def summary_line(metrics: Metrics) -> str:

@@ -195,3 +195,13 @@ def test_bad_cliff_config_names_the_field():
         load_config("experiments/cliff_shapes", ["method.image_steps=11"])
     with pytest.raises(Exception, match="stage_split"):
         load_config("experiments/cliff_shapes", ["method.stage_split=[1,0,1]"])
+
+
+def test_a_job_prints_the_spread_over_sampling_seeds():
+    from ovdlab.platform.evaluation.tables import headline
+
+    metrics = over_seeds([{"ap50_novel": 10.0, "ap50_base": 50.0, "ap50_all": 40.0},
+                          {"ap50_novel": 12.0, "ap50_base": 52.0, "ap50_all": 40.0}])
+    assert headline(metrics) == ("AP50 novel 11.0 | base 51.0 | all 40.0 "
+                                 "(std over sampling seeds: novel 1.4, base 1.4, all 0.0)")
+    assert headline({"ap50_novel": 1.0, "ap50_base": 2.0, "ap50_all": 3.0}) == "AP50 novel 1.0 | base 2.0 | all 3.0"
