@@ -61,7 +61,7 @@ def test_method_overrides_reach_only_that_methods_runs():
     assert shapes_demo.overrides_for("vild", overrides) == ["train.max_iter=5", "tracking.uri=http://host:5000"]
     assert shapes_demo.parse_args(["lp-ovod:method.retrieval_k=7"]).overrides == ["lp-ovod:method.retrieval_k=7"]
     with pytest.raises(SystemExit):
-        shapes_demo.parse_args(["cliff:method.kl_weight=1"])
+        shapes_demo.parse_args(["detic:method.kl_weight=1"])
 
 
 def test_ablation_rows_run_their_own_experiment_and_take_their_methods_overrides():
