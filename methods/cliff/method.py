@@ -154,15 +154,14 @@ class CLIFF(Method):
         """Mean L1 between the image chain's output on the stored proposals and the teacher's
         normalized embeddings of them; a zero in the graph when there are none or the
         image chain is off (stage 1: the image parameters stay connected for DDP)."""
-        image_params = [*head.image_diffuser.parameters(), *head.gate.parameters()]
         if not self.cfg.image_chain or distill is None or distill.num_boxes == 0:
-            anchors = [head_out["object"], *image_params]
+            anchors = [head_out["object"], *head.image_diffuser.parameters(), *head.gate.parameters()]
             if distill is not None:
                 anchors.append(distill.head_out["object"])
             return anchor_to_graph(*anchors)
         x_start = self.start(distill.head_out, training=True)
         image = self.image(head, distill.head_out["object"], x_start)
-        return F.l1_loss(image.float(), F.normalize(distill.targets.float(), dim=-1)) + anchor_to_graph(*image_params)
+        return F.l1_loss(image.float(), F.normalize(distill.targets.float(), dim=-1))
 
     def scores(
         self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary, regions: RegionContext | None = None
