@@ -241,11 +241,12 @@ class _SkipUndecodable(Dataset):
     whether the item was made in this process or in a loader worker.
     """
 
-    def __init__(self, inner: DetectionDataset) -> None:
+    def __init__(self, inner: DetectionDataset, length: int | None = None) -> None:
         self.inner = inner
+        self.length = len(inner) if length is None else length
 
     def __len__(self) -> int:
-        return len(self.inner)
+        return self.length
 
     def __getitem__(self, idx: int) -> Any:
         errors: list[str] = []
@@ -338,14 +339,13 @@ def _train_loader(
             f"ray.num_workers={session.world_size}"
         )
     per_worker = cfg.train.batch_size // session.world_size
-    if len(data) < per_worker * session.world_size:
-        raise ValueError(f"{dataset.ann_json} has {len(data)} images, fewer than one batch of {cfg.train.batch_size}")
+    items = _SkipUndecodable(data, _filled_to_one_batch(len(data), cfg.train.batch_size, dataset.ann_json))
     sampler = DistributedSampler(
-        data, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        items, num_replicas=session.world_size, rank=session.rank, shuffle=True, seed=cfg.seed, drop_last=True
     )
     workers = cfg.train.loader_workers
     loader = DataLoader(
-        _SkipUndecodable(data),
+        items,
         batch_size=per_worker,
         sampler=sampler,
         num_workers=workers,
@@ -355,6 +355,22 @@ def _train_loader(
         persistent_workers=workers > 0,
     )
     return loader, sampler
+
+
+def _filled_to_one_batch(images: int, batch_size: int, source: str | Path) -> int:
+    """How many items an epoch has: the training images, or one batch of them repeated.
+
+    A phase can train on fewer images than a batch (LP-OVOD's probe sees only the images
+    that hold a retrieved pseudo-label, and a small ``method.retrieval_k`` may put them all
+    on one image), so those images fill the batch instead of the phase failing; no image
+    at all is an error naming the source.
+    """
+    if images == 0:
+        raise ValueError(f"{source} has no training images (for a phase on pseudo-labels: the retrieval kept none)")
+    if images < batch_size:
+        log.warning("%s has %d training images, fewer than one batch of %d: they repeat to fill it",
+                    source, images, batch_size)
+    return max(images, batch_size)
 
 
 def _batches(loader: DataLoader, sampler: DistributedSampler, epoch: int) -> Iterator[Any]:

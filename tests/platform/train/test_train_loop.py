@@ -143,6 +143,18 @@ def test_undecodable_training_images_are_skipped_and_counted(caplog):
         broken[0]
 
 
+def test_a_training_set_smaller_than_a_batch_repeats_to_fill_it(caplog):
+    """LP-OVOD's probe may see one pseudo-labelled image with a batch of 2: it trains on it twice."""
+    from ovdlab.platform.train.loop import _filled_to_one_batch
+
+    one = _SkipUndecodable(_Flaky(1, set()), _filled_to_one_batch(1, 2, "/d/train.json"))
+    assert len(one) == 2 and [one[i][0] for i in range(2)] == [0, 0]
+    assert "fewer than one batch of 2" in caplog.text
+    assert _filled_to_one_batch(5, 2, "/d/train.json") == 5
+    with pytest.raises(ValueError, match="/d/train.json has no training images"):
+        _filled_to_one_batch(0, 2, "/d/train.json")
+
+
 def test_train_cli_prints_the_outcome(monkeypatch, tmp_path, capsys):
     import ovdlab.platform.train.trainer as trainer
     from ovdlab.platform.cli import main
