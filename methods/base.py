@@ -189,7 +189,17 @@ class Method:
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
         """The method's whole job as stages (:mod:`ovdlab.platform.recipes`): by default one
         training phase on the experiment's config, evaluated at its end."""
-        return [Stage("train", "train")]
+        return [*self.store_stages({}), Stage("train", "train")]
+
+    def store_stages(self, reads: dict[str, str]) -> list[Stage]:
+        """The region store as its own ``extract`` stage, when training reads one.
+
+        Its minutes and MLflow run stand apart, and the trials of a sweep over a method's
+        weight or schedule share it (an extract stage's key hashes only what extraction
+        reads); the training finds the finished store by its content key. ``reads``: the
+        stages it takes its proposals from (``{"proposals.checkpoint": "proposal-detector"}``).
+        """
+        return [Stage("store", "extract", reads=dict(reads))] if self.needs_store else []
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, cfg={self.cfg!r})"

@@ -128,7 +128,7 @@ class EZSD(ViLDText):
         if cfg.proposals.source == "rpn" and cfg.proposals.checkpoint is None:
             stages.append(Stage("proposal-detector", "train", experiment=f"experiments/vild_text_{cfg.dataset.kind}"))
             reads = {"proposals.checkpoint": "proposal-detector"}
-        return [*stages, Stage("store", "extract", reads=reads), Stage("train", "train", reads=reads)]
+        return [*stages, *self.store_stages(reads), Stage("train", "train", reads=reads)]
 
 
 def per_image_mean_one(weights: Tensor, image_index: Tensor) -> Tensor:

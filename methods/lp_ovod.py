@@ -53,6 +53,8 @@ PROBE_FROZEN = (
     "roi_heads.method_head.base_prototypes", "roi_heads.method_head.image_projection",
 )
 """Everything but the novel prototypes (Sec. 3.3: the whole detector is frozen)."""
+RETRIEVAL_KEYS = ("method.retrieval_k", "method.objectness_floor")
+"""What only the retrieval (and so the probe) reads: the base training ignores them."""
 
 
 class LPOVODHead(nn.Module):
@@ -151,7 +153,7 @@ class LPOVOD(Method):
         return score
 
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
-        """Base training -> retrieval of pseudo-labels -> linear probe.
+        """[Proposal detector] -> store -> base training -> retrieval of pseudo-labels -> linear probe.
 
         The probe keeps the experiment's ``train.max_iter`` (the paper probes for as many
         epochs as the base training, 12) at a constant ``lr`` 0.001 without warmup, with
@@ -176,7 +178,8 @@ class LPOVOD(Method):
         )
         return [
             *stages,
-            Stage("base", "train", reads=reads),
+            *self.store_stages(reads),
+            Stage("base", "train", reads=reads, ignores=RETRIEVAL_KEYS),
             Stage("retrieval", "post", function="ovdlab.methods.lp_ovod:retrieve_pseudo_labels", reads=reads),
             Stage("probe", "train", overrides=probe,
                   reads={**reads, "train.init_from": "base", "train.pseudo_labels": "retrieval"}),

@@ -106,12 +106,13 @@ class ViLD(ViLDText):
         """RPN proposals come from a detector trained on base boxes only (Sec. 3.4: the
         M proposals are precomputed by an RPN trained on base categories): first the
         ViLD-text experiment of the same dataset (the same training as that method's own
-        run, so the runner trains it once), whose final RPN the extraction reads.
+        run, so the runner trains it once), whose final RPN the store's extraction reads.
         A config naming its ``proposals.checkpoint`` or another source is one training."""
         if cfg.proposals.source != "rpn" or cfg.proposals.checkpoint is not None:
             return super().recipe(cfg)
         return [
             Stage("proposal-detector", "train", experiment=f"experiments/vild_text_{cfg.dataset.kind}"),
+            *self.store_stages({"proposals.checkpoint": "proposal-detector"}),
             Stage("train", "train", reads={"proposals.checkpoint": "proposal-detector"}),
         ]
 

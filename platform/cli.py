@@ -1,4 +1,4 @@
-"""The ``ovdlab`` command: data preparation, evaluation, extraction, training, prediction.
+"""The ``ovdlab`` command: data preparation, evaluation, extraction, training, prediction, sweeps, comparison.
 
 Each sub-command is a thin wrapper over a library function so that jobs, tests and
 the command line run the same code. Configs are validated (and fail naming the
@@ -203,7 +203,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "val"], default="train")
     p.set_defaults(func=cmd_extract)
 
+    p = sub.add_parser("sweep", help="Ray Tune sweep of config keys (configs/sweeps/*.yaml); rerun to resume")
+    p.add_argument("sweep", help="sweep YAML (path, or name under configs/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="sweep.<field>=... for the sweep, other dotted overrides for every trial")
+    p.add_argument("--smoke", action="store_true", help="COCO/LVIS sweeps: run on a generated fixture in the dataset's layout")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="compare the methods of an MLflow experiment: table and figures")
+    p.add_argument("--experiment", default="shapes", help="MLflow experiment (default: shapes)")
+    p.add_argument("--work-dir", default="work", help="work dir whose MLflow database to read (default: work)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: the work dir's database)")
+    p.add_argument("--metric", default="ap50_novel", help="picks each method's best setting (default: ap50_novel)")
+    p.add_argument("--filter", default="", help="MLflow search filter, e.g. \"params.train.max_iter = '1200'\"")
+    p.add_argument("--out", default=None, help="folder for comparison.md and the figures (default: <work dir>/comparison)")
+    p.set_defaults(func=cmd_compare)
+
     return parser
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ovdlab.platform.tune.job import sweep_main
+
+    return sweep_main(args.sweep, args.overrides, smoke=args.smoke)
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from ovdlab.platform.evaluation.compare import compare
+    from ovdlab.platform.tracking import tracker_from_config
+
+    overrides = [f"work_dir={args.work_dir}", f"tracking.experiment={args.experiment}"]
+    cfg = load_config(None, overrides + ([f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []))
+    tracker = tracker_from_config(cfg)
+    result = compare(tracker, Path(args.out) if args.out else cfg.work_path("comparison"), args.metric, args.filter)
+    print(result.table)
+    print("\n".join(f"wrote {path}" for path in result.files))
+    print(f"MLflow comparison run {result.run_id} in {tracker.uri}, experiment {tracker.experiment!r}")
+    return 0
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

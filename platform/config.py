@@ -442,6 +442,11 @@ def _resolve_config_path(name: str | Path, relative_to: Path) -> Path:
     raise ConfigError(f"config file not found: {name} (looked in the current folder, {CONFIGS_DIR} and its experiments/)")
 
 
+def config_file(name: str | Path) -> Path:
+    """The experiment YAML a name or path means, as :func:`load_config` finds it (absolute)."""
+    return _resolve_config_path(name, CONFIGS_DIR)
+
+
 def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML config with its ``defaults`` merged in, not yet validated."""
     full = _resolve_config_path(path, CONFIGS_DIR)

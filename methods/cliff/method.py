@@ -172,7 +172,7 @@ class CLIFF(Method):
         return torch.sigmoid(self.cosine_logits(generated.float(), vocab)[:, 1:])
 
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
-        """[proposal detector] -> stage 1 (object -> text) -> stage 2 (object -> image -> text)
+        """[proposal detector] -> [store] -> stage 1 (object -> text) -> stage 2 (object -> image -> text)
         -> stage 3 (the same at ``final_lr_factor`` x LR) -> evaluation over ``eval.seeds``.
 
         The phases share ``train.max_iter`` by ``method.stage_split`` (:func:`phase_lengths`),
@@ -190,6 +190,7 @@ class CLIFF(Method):
         first, second, third = phase_lengths(cfg.train.max_iter, cfg.method.stage_split)
         return [
             *stages,
+            *self.store_stages(reads),
             Stage("obj-txt", "train", reads=reads,
                   overrides=("method.image_chain=false", f"train.max_iter={first}", "train.steps=[]")),
             Stage("obj-img-txt", "train", reads={**reads, "train.init_from": "obj-txt"},

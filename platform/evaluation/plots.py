@@ -178,3 +178,46 @@ def detection_grid(
     fig.legend(handles=[Patch(color=SPLIT_COLORS[s], label=s) for s in SPLITS], loc="lower center", ncol=len(SPLITS))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return _finish(fig, path)
+
+
+def sweep_curve(points: Sequence[tuple[Any, float, bool]], key: str, metric: str, path: Path | str | None = None) -> Figure:
+    """A sweep's ``metric`` against the swept ``key``: one marker per trial (``(value,
+    metric, completed)``), filled when the trial completed, hollow when it was stopped
+    early (its last evaluation); the completed trials' mean per value joined by a line."""
+    fig = _new_figure(5.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v, _, _ in points)
+    order = sorted({v for v, _, _ in points}, key=lambda v: v if numeric else str(v))
+    x = (lambda v: v) if numeric else (lambda v: order.index(v))
+    for value, score, completed in points:
+        ax.plot([x(value)], [score], "o", color=SPLIT_COLORS["novel"], fillstyle="full" if completed else "none", ms=7)
+    means = [(x(v), float(np.mean([s for w, s, c in points if w == v and c]))) for v in order
+             if any(w == v and c for w, _, c in points)]
+    if means:
+        ax.plot([m[0] for m in means], [m[1] for m in means], "-", color=SPLIT_COLORS["novel"], alpha=0.5)
+    if not numeric:
+        ax.set_xticks(range(len(order)), [str(v) for v in order])
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.set_title(f"{metric} against {key} (hollow: stopped early)", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def novel_vs_base(rows: Sequence[tuple[str, float, float, float, float]], path: Path | str | None = None,
+                  ylabel: str = "AP50 novel", xlabel: str = "AP50 base") -> Figure:
+    """One point per method at (base, novel) with error bars of their spread over seeds:
+    ``rows`` of ``(method, base, base_std, novel, novel_std)`` (NaN std: one seed, no bar)."""
+    fig = _new_figure(5.5, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, base, base_std, novel, novel_std in rows:
+        ax.errorbar([base], [novel], xerr=None if math.isnan(base_std) else [base_std],
+                    yerr=None if math.isnan(novel_std) else [novel_std], fmt="o", capsize=3, label=name)
+        ax.annotate(name, (base, novel), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("methods: mean ± std over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _finish(fig, path)

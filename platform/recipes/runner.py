@@ -24,7 +24,7 @@ import importlib
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -126,12 +126,57 @@ def stage_config(stage: Stage, experiment: str, overrides: Sequence[str], output
     return load_config(stage.experiment or experiment, [*overrides, *stage.overrides, *bound])
 
 
+READ_SECTIONS: dict[str, tuple[str, ...]] = {
+    "teacher": ("dataset", "teacher"),
+    "extract": ("dataset", "teacher", "proposals", "store", "model"),
+}
+"""The config sections a ``teacher`` or ``extract`` stage reads (plus ``method.name``:
+EZSD's store holds the ground-truth boxes too). Their keys hash only these, so trials
+of a sweep over a method's weight or a training setting share them; every other kind
+hashes the whole config."""
+
+
+def stage_inputs(stage: Stage, unbound: ExperimentConfig) -> str:
+    """The hash of what ``stage`` reads of its config: the sections of :data:`READ_SECTIONS`
+    for its kind, else the whole config but its ``ignores``."""
+    sections = READ_SECTIONS.get(stage.kind)
+    if sections is None and not stage.ignores:
+        return unbound.content_hash()
+    data = unbound.model_dump(mode="json")
+    if sections is not None:
+        return content_key({name: data[name] for name in sections}, data["method"]["name"])
+    for dotted in stage.ignores:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return content_key(data)
+
+
 def stage_key(stage: Stage, unbound: ExperimentConfig, input_keys: dict[str, str], evaluates: str | None = None) -> str:
-    """Content key: kind, function, the config before binding, the keys of what it reads
-    (and, for an ``eval`` stage, the key of the training it evaluates)."""
+    """Content key: kind, function, the config before binding (the sections it reads),
+    the keys of what it reads (and, for an ``eval`` stage, the key of the training it
+    evaluates)."""
     reads = sorted((key, input_keys[source]) for key, source in stage.reads.items())
     extra = [evaluates] if stage.kind == "eval" else []
-    return content_key("recipe-stage", stage.kind, stage.function, unbound.content_hash(), reads, *extra)
+    return content_key("recipe-stage", stage.kind, stage.function, stage_inputs(stage, unbound), reads, *extra)
+
+
+def plan_keys(experiment: str, overrides: Sequence[str] = ()) -> dict[str, str]:
+    """Every stage of ``experiment``'s recipe under ``overrides``, by name, with its content
+    key: what :func:`run_recipe` would look up, computed without running anything (a
+    sweep compares them across trials to find the stages its trials share)."""
+    cfg = load_config(experiment, list(overrides))
+    stages = build_method(cfg.method).recipe(cfg)
+    check_recipe(stages)
+    keys: dict[str, str] = {}
+    last_train: str | None = None
+    for stage in stages:
+        keys[stage.name] = stage_key(stage, stage_config(stage, experiment, overrides), keys, last_train)
+        if stage.kind == "train":
+            last_train = keys[stage.name]
+    return keys
 
 
 def _record_path(cfg: ExperimentConfig, stage: Stage, key: str) -> Path:
@@ -251,6 +296,25 @@ def _run_step(
     return StageResult(stage.name, stage.kind, key, str(output), metrics, run_id, time.perf_counter() - start)
 
 
+def stage_hours(results: Sequence[StageResult], configs: dict[str, ExperimentConfig]) -> dict[str, float]:
+    """Training minutes and the CPU / GPU hours the stages held: a train stage its Ray
+    Train workers (``ray.num_workers`` x ``cpus_per_worker``, a GPU each with
+    ``use_gpu``), an extract stage its actor pool, any other stage one CPU."""
+    train_s = cpu_s = gpu_s = 0.0
+    for result in results:
+        ray_cfg = configs[result.name].ray
+        if result.kind == "train":
+            train_s += result.seconds
+            cpu_s += result.seconds * ray_cfg.num_workers * ray_cfg.cpus_per_worker
+            gpu_s += result.seconds * ray_cfg.num_workers * float(ray_cfg.use_gpu)
+        elif result.kind == "extract":
+            cpu_s += result.seconds * ray_cfg.actor_pool_size * ray_cfg.actor_cpus
+            gpu_s += result.seconds * ray_cfg.actor_pool_size * ray_cfg.actor_gpus
+        else:
+            cpu_s += result.seconds
+    return {"time/train_minutes": train_s / 60, "time/cpu_hours": cpu_s / 3600, "time/gpu_hours": gpu_s / 3600}
+
+
 def _parent_run(cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tuple[Path, str | None]:
     """The record of this job's parent run (same config, same recipe: the same run)."""
     key = content_key("recipe", cfg.content_hash(), [s.describe() for s in stages])
@@ -259,16 +323,30 @@ def _parent_run(cfg: ExperimentConfig, stages: Sequence[Stage], job: str) -> tup
     return path, run_id
 
 
-def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[Stage] | None = None) -> RecipeResult:
+def run_recipe(
+    experiment: str,
+    overrides: Sequence[str] = (),
+    stages: Sequence[Stage] | None = None,
+    parent_run_id: str | None = None,
+    only: Collection[str] | None = None,
+    tags: dict[str, str] | None = None,
+    role: str = "job",
+) -> RecipeResult:
     """Run the recipe of ``experiment``'s method (or ``stages``) with the job's ``overrides``.
 
     Every stage's config is loaded (and so checked) before any stage runs.
+    ``parent_run_id`` nests the job's MLflow run under another (a sweep's); ``only``
+    runs just those stages (a sweep's shared ones, before its trials), keyed as in the
+    whole recipe; ``tags`` go on the job's run, named ``<run name>-<role>`` (a sweep's
+    ``shared`` and ``trial`` runs are not a standalone job's). The job's run gets the
+    minutes and resource hours its stages took (reused ones as they took when they ran):
+    ``time/train_minutes``, ``time/cpu_hours``, ``time/gpu_hours`` (:func:`stage_hours`).
     """
     cfg = load_config(experiment, list(overrides))
     stages = list(stages) if stages is not None else build_method(cfg.method).recipe(cfg)
     check_recipe(stages)
     unbound = {s.name: stage_config(s, experiment, overrides) for s in stages}
-    job = f"{run_name_for(cfg)}-job"
+    job = f"{run_name_for(cfg)}-{role}"
     tracker = tracker_from_config(cfg)
     record, parent_id = _parent_run(cfg, stages, job)
     results: list[StageResult] = []
@@ -276,8 +354,9 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
     last_train_key: str | None = None
     keys: dict[str, str] = {}
     outputs: dict[str, str] = {}
-    tags = {"kind": "recipe", "method": cfg.method.name, "seed": cfg.seed, "stages": ",".join(s.name for s in stages)}
-    with tracker.start_run(run_name=job, tags=tags, run_id=parent_id) as parent:
+    run_tags = {"kind": "recipe", "method": cfg.method.name, "seed": cfg.seed,
+                "stages": ",".join(s.name for s in stages if only is None or s.name in only), **(tags or {})}
+    with tracker.start_run(run_name=job, tags=run_tags, run_id=parent_id, parent_run_id=parent_run_id) as parent:
         if parent is not None:
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"mlflow_run_id": parent, "experiment": experiment, "overrides": list(overrides)}))
@@ -286,6 +365,8 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
             key = keys[stage.name] = stage_key(stage, unbound[stage.name], keys, last_train_key)
             if stage.kind == "train":
                 last_train_key = key
+            if only is not None and stage.name not in only:
+                continue
             path = _record_path(cfg, stage, key)
             result = _read_record(path)
             if result is None:
@@ -304,9 +385,12 @@ def run_recipe(experiment: str, overrides: Sequence[str] = (), stages: Sequence[
             if stage.kind == "train":
                 last_checkpoint = result.output
             results.append(result)
-        final = [r for r in results if r.kind == "train"][-1]
-        scored = evaluated(results)[-1]
-        tracker.log_metrics({k: v for k, v in scored.metrics.items() if isinstance(v, (int, float))})
-        tracker.set_tags({"final_stage": final.name, "checkpoint": final.output, "metrics_stage": scored.name})
+        trained, scored = [r for r in results if r.kind == "train"], evaluated(results)
+        tracker.log_metrics(stage_hours(results, unbound))
+        if scored and only is None:  # a partial recipe (a sweep's shared stages) has no result of its own
+            tracker.log_metrics({k: v for k, v in scored[-1].metrics.items() if isinstance(v, (int, float))})
+        if trained and scored:
+            tracker.set_tags({"final_stage": trained[-1].name, "checkpoint": trained[-1].output,
+                              "metrics_stage": scored[-1].name})
     return RecipeResult(job, results, stages, parent, tracker.uri, tracker.experiment)
 

@@ -49,6 +49,10 @@ class Stage:
     overrides: tuple[str, ...] = ()
     reads: Mapping[str, str] = field(default_factory=dict)
     function: str | None = None
+    ignores: tuple[str, ...] = ()
+    """Dotted config keys the stage does not read (LP-OVOD's base training ignores the
+    retrieval's ``method.retrieval_k``): left out of its content key, so a sweep over
+    them shares the stage."""
 
     def describe(self) -> dict[str, object]:
         """The stage as plain data (part of its content key and of the MLflow params)."""
@@ -58,6 +62,7 @@ class Stage:
             "overrides": list(self.overrides),
             "reads": dict(sorted(self.reads.items())),
             "function": self.function,
+            **({"ignores": list(self.ignores)} if self.ignores else {}),
         }
 
 

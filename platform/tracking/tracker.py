@@ -276,6 +276,17 @@ class Tracker:
             }
         )
 
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params not yet on the run (a reopened run keeps the ones it has: params are
+        immutable), values as strings (a sweep's search space)."""
+        if not self.enabled:
+            return
+        run_id = self._run_id()
+        existing = self.client.get_run(run_id).data.params
+        new = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in params.items() if key not in existing]
+        if new:
+            self.client.log_batch(run_id, params=new)
+
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Scalars (floats, ints, 0-d tensors) at ``step`` (0 when None, as ``mlflow.log_metrics``)."""
         if not self.enabled:

@@ -258,9 +258,12 @@ def log_dataset_problems(tracker: Tracker, datasets: dict[str, OVDDataset]) -> N
 
 
 def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_failures: int = DEFAULT_MAX_FAILURES):
-    """The ``TorchTrainer`` of a run: scaling from ``ray.*``, the latest checkpoint kept."""
+    """The ``TorchTrainer`` of a run: scaling from ``ray.*``, the latest checkpoint kept;
+    inside a sweep trial, its evaluations reported to Tune (:mod:`ovdlab.platform.tune.reporting`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from ovdlab.platform.tune.reporting import tune_callbacks
 
     resources: dict[str, float] = {"CPU": cfg.ray.cpus_per_worker}
     if cfg.ray.use_gpu:
@@ -276,6 +279,7 @@ def build_trainer(cfg: ExperimentConfig, args: LoopArgs, run_name: str, max_fail
             storage_path=str(cfg.work_path(RUNS_DIR)),
             checkpoint_config=CheckpointConfig(num_to_keep=1),
             failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=tune_callbacks(),
         ),
     )
 

@@ -88,7 +88,7 @@ def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
         assert job.data.tags["kind"] == "recipe" and job.info.run_name.endswith("-job")
     # ViLD's job: its proposal detector is the ViLD-text training (reused), then its own.
     client, vild_job = only_run(clone / "work" / "mlflow.db", "vild-shapes-", kind="recipe")
-    assert vild_job.data.tags["stages"] == "proposal-detector,train" and "stage.proposal-detector" in vild_job.data.tags
+    assert vild_job.data.tags["stages"] == "proposal-detector,store,train" and "stage.proposal-detector" in vild_job.data.tags
     assert "stage proposal-detector (train): reused" in out
     assert (clone / "work" / "comparison.md").is_file()
     assert (clone / "work" / "showcase" / "vild" / "detections.png").is_file() and "held-out concept" in out
@@ -230,7 +230,7 @@ def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_over
     first = _run_until_checkpoint_of("probe", cmd, clone)
     assert "stage retrieval (post" in first
     out = run_as_user(cmd, clone)
-    for stage in ("proposal-detector (train)", "base (train)", "retrieval (post)"):
+    for stage in ("proposal-detector (train)", "store (extract)", "base (train)", "retrieval (post)"):
         assert f"stage {stage}: reused" in out, out[-4000:]
     assert resumed(out) and "stage probe (train): " in out and "reused" not in out.split("stage probe")[1].split("\n")[0]
     assert "AP50 novel" in out
@@ -241,10 +241,10 @@ def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_over
     job_id = re.search(r"MLflow job run (\w+)", out).group(1)  # the clone's demo test made other LP-OVOD jobs
     job = client.get_run(job_id)
     assert job.data.tags["kind"] == "recipe" and job.info.run_name.startswith("lp-ovod-")
-    assert job.data.tags["stages"] == "proposal-detector,base,retrieval,probe"
+    assert job.data.tags["stages"] == "proposal-detector,store,base,retrieval,probe"
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id]
     names = sorted(r.info.run_name for r in children)
-    assert len(names) == 4 and len(set(names)) == 4, names  # one child per stage, none twice after the resume
+    assert len(names) == 5 and len(set(names)) == 5, names  # one child per stage, none twice after the resume
     probe = [r for r in children if r.data.tags.get("kind") == "train" and r.info.run_name.startswith("lp-ovod-")]
     assert len(probe) == 2 and all(r.data.tags.get("completed") == "True" for r in probe)
     assert "ap50_novel" in job.data.metrics
@@ -258,7 +258,7 @@ def test_lp_ovod_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     """``--smoke``: the COCO / LVIS job end to end on a generated fixture in that layout
     (real category ids and names, the real converters), default work dir, own Ray."""
     out = run_as_user([PYTHON, f"jobs/lp_ovod_{kind}.py", "--smoke", "method.objectness_floor=0"], clone)
-    for stage in ("proposal-detector (train)", "base (train)", "retrieval (post)", "probe (train)"):
+    for stage in ("proposal-detector (train)", "store (extract)", "base (train)", "retrieval (post)", "probe (train)"):
         assert f"stage {stage}: " in out, out[-4000:]
     headline = r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d" if kind == "coco" else r"  AP \d+\.\d( \| AP[rcf] )?"
     assert re.search(headline, out), out[-4000:]
@@ -319,14 +319,14 @@ def test_cliff_job_chains_three_phases_resumes_a_killed_one_and_evaluates_over_s
     first = _run_until_checkpoint_of("obj-img-txt", cmd, clone)
     assert "stage obj-txt (train" in first
     out = run_as_user(cmd, clone)
-    for stage in ("proposal-detector (train)", "obj-txt (train)"):
+    for stage in ("proposal-detector (train)", "store (extract)", "obj-txt (train)"):
         assert f"stage {stage}: reused" in out, out[-4000:]
     assert resumed(out, total=3), out[-4000:]
     assert "stage final (train): " in out and "stage eval (eval): " in out
 
     client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
     job = client.get_run(re.search(r"MLflow job run (\w+)", out).group(1))
-    assert job.data.tags["stages"] == "proposal-detector,obj-txt,obj-img-txt,final,eval"
+    assert job.data.tags["stages"] == "proposal-detector,store,obj-txt,obj-img-txt,final,eval"
     assert job.data.tags["metrics_stage"] == "eval"
     assert {"ap50_novel", "ap50_novel_std", "ap50_base_std"} <= set(job.data.metrics)
     runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
@@ -349,6 +349,6 @@ def test_cliff_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     """``--smoke``: CLIFF's COCO / LVIS job end to end on the layout fixture: R50-C4's
     structure at ResNet-18, the three phases and the three-seed evaluation."""
     out = run_as_user([PYTHON, f"jobs/cliff_{kind}.py", "--smoke"], clone)
-    for stage in ("proposal-detector (train)", "obj-txt (train)", "obj-img-txt (train)", "final (train)", "eval (eval)"):
+    for stage in ("proposal-detector (train)", "store (extract)", "obj-txt (train)", "obj-img-txt (train)", "final (train)", "eval (eval)"):
         assert f"stage {stage}: " in out, out[-4000:]
     assert f"experiment '{kind}-smoke'" in out

@@ -164,13 +164,14 @@ def test_same_eval_seed_gives_the_same_detections_bit_for_bit():
 def test_recipe_chains_three_phases_and_evaluates_over_seeds():
     cfg = load_config("experiments/cliff_shapes")
     stages = build_method(cfg.method).recipe(cfg)
-    assert [s.name for s in stages] == ["proposal-detector", "obj-txt", "obj-img-txt", "final", "eval"]
-    _, one, two, three, evaluation = stages
+    assert [s.name for s in stages] == ["proposal-detector", "store", "obj-txt", "obj-img-txt", "final", "eval"]
+    _, store, one, two, three, evaluation = stages
+    assert store.kind == "extract"
     assert "method.image_chain=false" in one.overrides and "train.max_iter=55" in one.overrides
     assert "train.max_iter=221" in two.overrides and two.reads["train.init_from"] == "obj-txt"
     assert "train.max_iter=74" in three.overrides and three.reads["train.init_from"] == "obj-img-txt"
     assert f"train.lr={cfg.train.lr * 0.1:g}" in three.overrides
-    assert all(s.reads["proposals.checkpoint"] == "proposal-detector" for s in (one, two, three))
+    assert all(s.reads["proposals.checkpoint"] == "proposal-detector" for s in (store, one, two, three))
     assert evaluation.kind == "eval" and cfg.eval.seeds == 3 and cfg.model.neck == "fpn"
     assert load_config("experiments/cliff_coco").model.neck == "c4"
     assert load_config("experiments/cliff_coco").train.max_iter == sum(phase_lengths(570000, [3, 12, 4]))

@@ -126,11 +126,11 @@ def test_the_recipe_retrieves_on_the_base_stage_proposals_then_probes_from_its_w
     cfg = load_config("experiments/lp_ovod_shapes")
     stages = LPOVOD(cfg.method).recipe(cfg)
     assert [(s.name, s.kind) for s in stages] == [
-        ("proposal-detector", "train"), ("base", "train"), ("retrieval", "post"), ("probe", "train")]
+        ("proposal-detector", "train"), ("store", "extract"), ("base", "train"), ("retrieval", "post"), ("probe", "train")]
     assert stages[0].experiment == "experiments/vild_text_shapes"
     probe = stages[-1]
     assert probe.reads == {"proposals.checkpoint": "proposal-detector", "train.init_from": "base",
                            "train.pseudo_labels": "retrieval"}
     assert "train.lr=0.001" in probe.overrides and "method.distill_weight=0" in probe.overrides
     named = load_config("experiments/lp_ovod_shapes", ["proposals.source=gt"])
-    assert [s.name for s in LPOVOD(named.method).recipe(named)] == ["base", "retrieval", "probe"]
+    assert [s.name for s in LPOVOD(named.method).recipe(named)] == ["store", "base", "retrieval", "probe"]

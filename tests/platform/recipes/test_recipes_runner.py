@@ -42,19 +42,21 @@ def test_vild_trains_its_proposal_detector_as_the_vild_text_run_of_the_same_seed
     overrides = ["seed=1"]
     vild = load_config("experiments/vild_shapes", overrides)
     stages = build_method(vild.method).recipe(vild)
-    assert [(s.name, s.kind) for s in stages] == [("proposal-detector", "train"), ("train", "train")]
-    assert stages[1].reads == {"proposals.checkpoint": "proposal-detector"}
+    assert [(s.name, s.kind) for s in stages] == [("proposal-detector", "train"), ("store", "extract"), ("train", "train")]
+    assert stages[1].reads == stages[2].reads == {"proposals.checkpoint": "proposal-detector"}
     text_stage = build_method(load_config("experiments/vild_text_shapes").method).recipe(vild)[0]
     key = stage_key(stages[0], stage_config(stages[0], "experiments/vild_shapes", overrides), {})
     assert key == stage_key(text_stage, stage_config(text_stage, "experiments/vild_text_shapes", overrides), {})
     # The distilling stage's key follows its input's: another proposal detector, another key.
-    unbound = stage_config(stages[1], "experiments/vild_shapes", overrides)
-    assert stage_key(stages[1], unbound, {"proposal-detector": key}) != stage_key(stages[1], unbound, {"proposal-detector": "x"})
-    bound = stage_config(stages[1], "experiments/vild_shapes", overrides, {"proposal-detector": "/ckpt/rpn"})
+    unbound = stage_config(stages[2], "experiments/vild_shapes", overrides)
+    assert stage_key(stages[2], unbound, {"proposal-detector": key}) != stage_key(stages[2], unbound, {"proposal-detector": "x"})
+    bound = stage_config(stages[2], "experiments/vild_shapes", overrides, {"proposal-detector": "/ckpt/rpn"})
     assert bound.proposals.checkpoint == "/ckpt/rpn" and bound.seed == 1
     # A config that names its proposals is one training.
     named = load_config("experiments/vild_shapes", ["proposals.checkpoint=/ckpt/rpn"])
-    assert [s.name for s in build_method(named.method).recipe(named)] == ["train"]
+    assert [s.name for s in build_method(named.method).recipe(named)] == ["store", "train"]
+    text = load_config("experiments/vild_text_shapes")
+    assert [s.name for s in build_method(text.method).recipe(text)] == ["train"]  # nothing to distill, no store
 
 
 @pytest.fixture
