@@ -82,7 +82,7 @@ def job_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") 
 
 
 def settings(runs: list[Run]) -> list[Setting]:
-    """Runs grouped by method and config but the seed, in the order first seen."""
+    """Runs grouped by method and config but the seed."""
     groups: dict[str, Setting] = {}
     for run in runs:
         params = {k: v for k, v in run.data.params.items() if k not in SETTING_FREE}
@@ -92,10 +92,11 @@ def settings(runs: list[Run]) -> list[Setting]:
 
 
 def best_per_method(found: list[Setting], metric: str) -> list[tuple[Setting, str]]:
-    """Per method, its setting with the best mean ``metric``, with what sets it apart from
-    the method's other settings (``method.distill_weight=0.5``; empty when it has one)."""
+    """Per method (by name, the oracle ceiling last), its setting with the best mean
+    ``metric``, with what sets it apart from the method's other settings
+    (``method.distill_weight=0.5``; empty when it has one)."""
     rows = []
-    for method in dict.fromkeys(s.method for s in found):
+    for method in sorted({s.method for s in found}, key=lambda m: (m.endswith("-oracle"), m)):
         mine = [s for s in found if s.method == method]
         best = max(mine, key=lambda s: _or_low(s.mean(metric)))
         differ = sorted(k for k in best.params if len({s.params.get(k) for s in mine}) > 1)
@@ -158,7 +159,7 @@ def compare(tracker: Tracker, out_dir: Path, metric: str = "ap50_novel", filter_
     client, experiment_id = tracker.client, tracker.experiment_id
     found = settings(job_runs(client, experiment_id, filter_string))
     if not found:
-        raise LookupError(f"no finished job runs with detection metrics in experiment {tracker.experiment!r} "
+        raise ValueError(f"no finished job runs with detection metrics in experiment {tracker.experiment!r} "
                           f"of {tracker.uri}{f' matching {filter_string!r}' if filter_string else ''}")
     rows = best_per_method(found, metric)
     table = comparison_table(rows)

@@ -47,6 +47,9 @@ from ovdlab.platform.tune.config import SweepConfig, override
 log = logging.getLogger(__name__)
 
 SWEEPS_DIR = "sweeps"
+EXPERIMENT_STATE_PERIOD_S = 2
+"""Seconds between saves of the Tune experiment's state (Tune's default: 10 or more), so a
+driver killed just after a trial finished still finds it finished when resumed."""
 TRIAL_DONE = "trial_done"
 """Set in a trial's last report: its recipe finished (a trial without it was stopped early)."""
 
@@ -322,6 +325,7 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
     from ovdlab.platform.cluster import ensure_ray
 
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # a local Ray's trials keep this folder
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", str(EXPERIMENT_STATE_PERIOD_S))
     experiment = str(config_file(sweep.experiment))
     cfg = load_config(experiment, sweep.overrides)
     overrides = (*sweep.overrides, f"work_dir={cfg.work_dir}")

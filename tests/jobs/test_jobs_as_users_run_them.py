@@ -202,9 +202,10 @@ def resumed(out: str, total: int = 4) -> bool:
     return re.search(rf"resuming at step (2|{total})/{total}", out) is not None
 
 
-def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900) -> str:
-    """Start ``cmd``; once its train stage ``stage`` has written its first checkpoint,
-    SIGKILL its whole process group (driver and its local Ray). Returns the output up to then."""
+def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900, marker: str | None = None) -> str:
+    """Start ``cmd``; once its train stage ``stage`` (or the first training after the line
+    ``marker``) has written its first checkpoint, SIGKILL its whole process group (driver
+    and its local Ray). Returns the output up to then."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -213,7 +214,7 @@ def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: flo
     try:
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
-            in_probe = in_probe or f"stage {stage} (train" in line
+            in_probe = in_probe or (marker or f"stage {stage} (train") in line
             if in_probe and "Checkpoint successfully created" in line:
                 break
             assert time.time() < deadline, "".join(lines[-200:])
@@ -352,3 +353,77 @@ def test_cliff_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     for stage in ("proposal-detector (train)", "store (extract)", "obj-txt (train)", "obj-img-txt (train)", "final (train)", "eval (eval)"):
         assert f"stage {stage}: " in out, out[-4000:]
     assert f"experiment '{kind}-smoke'" in out
+
+
+SWEEP = ["train.distill_per_image=8", "sweep.params.method.distill_weight=[0.25,1.0]", "sweep.max_concurrent_trials=1",
+         "sweep.scheduler.kind=fifo"]
+"""Two trials one after the other (the second is killed), no early stopping (tiny runs tie)."""
+
+
+def _experiment_runs(clone: Path, name: str = "shapes") -> tuple[MlflowClient, list]:
+    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
+    return client, client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=5000)
+
+
+def _children(runs: list, parent) -> list:
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+
+
+@pytest.mark.timeout(1800)
+def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares(clone, tiny_overrides):
+    """The sweep job as a user runs it: shared stages before the trials, the driver killed
+    during the second trial, the rerun keeps the finished one and resumes the other; one
+    MLflow run per sweep with a child per trial; ``ovdlab compare`` over its trials."""
+    cmd = [PYTHON, "jobs/sweep_vild_distill_shapes.py", *tiny_overrides, *SHRUNK_RUN, *SWEEP]
+    first = _run_until_checkpoint_of("", cmd, clone, marker="trial method.distill_weight=1.0 runs its recipe")
+    assert "shared stages proposal-detector, store run once" in first
+    assert "trial method.distill_weight=0.25 runs its recipe" in first
+    out = run_as_user(cmd, clone)
+    assert "resuming" in out and "trial method.distill_weight=1.0 runs its recipe" in out and resumed(out), out[-4000:]
+    assert "trial method.distill_weight=0.25 runs its recipe" not in out  # finished before the kill: kept
+    assert "stage proposal-detector reused" in out and "stage store reused" in out
+
+    client, runs = _experiment_runs(clone)
+    sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
+    assert len(sweeps) == 1 and sweeps[0].data.params["space.method.distill_weight"] == "values [0.25, 1.0]"
+    children = _children(runs, sweeps[0])
+    assert sorted(r.data.tags["kind"] for r in children) == ["sweep-shared", "trial", "trial"]
+    trials = [r for r in children if r.data.tags["kind"] == "trial"]
+    assert len({r.info.run_name for r in trials}) == 2 and all(r.info.status == "FINISHED" for r in trials)
+    assert sum(r.data.tags.get("best") == "true" for r in trials) == 1
+    for trial in trials:  # each trial trained once (resumed, not restarted) and extracted nothing
+        assert [r.data.tags["kind"] for r in _children(runs, trial)] == ["train"]
+        assert "ap50_novel" in trial.data.metrics and "time/cpu_hours" in trial.data.metrics
+    shared = next(r for r in children if r.data.tags["kind"] == "sweep-shared")
+    assert sorted(shared.data.tags["stages"].split(",")) == ["proposal-detector", "store"]
+    artifacts = {a.path for a in client.list_artifacts(sweeps[0].info.run_id, "sweep")}
+    assert {"sweep/trials.md", "sweep/trials.json", "sweep/ap50_novel_vs_method.distill_weight.png"} <= artifacts
+
+    table = run_as_user([BIN / "ovdlab", "compare", "--filter", "tags.sweep = 'vild-distill-shapes'"], clone)
+    assert re.search(r"\| vild \| method.distill_weight=(0.25|1.0) \| 0 \|", table), table
+    assert (clone / "work" / "comparison" / "sweep_vild-distill-shapes_method.distill_weight.png").is_file()
+
+
+@pytest.mark.timeout(1800)
+def test_cliff_steps_sweep_trial_chains_its_phases(clone, tiny_overrides):
+    """CLIFF's sweep with one value: the proposal detector and store shared (the CLIFF job
+    test's, reused), the trial's three phases and its evaluation over seeds."""
+    cmd = [PYTHON, "jobs/sweep_cliff_steps_shapes.py", *tiny_overrides, *CLIFF, "train.eval_period=0",
+           "sweep.params.method.diffusion_steps=[5]"]
+    out = run_as_user(cmd, clone)
+    assert "sweep cliff-steps-shapes: 1 trials" in out and "method.diffusion_steps=5: ap50_novel" in out, out[-4000:]
+    assert "stage proposal-detector reused" in out and "stage store reused" in out  # the CLIFF job test's
+    client, runs = _experiment_runs(clone)
+    sweep = next(r for r in runs if r.data.tags.get("sweep") == "cliff-steps-shapes" and r.data.tags["kind"] == "sweep")
+    trial = next(r for r in _children(runs, sweep) if r.data.tags["kind"] == "trial")
+    assert trial.data.tags["stages"] == "proposal-detector,store,obj-txt,obj-img-txt,final,eval"
+    assert trial.data.params["method.diffusion_steps"] == "5" and "ap50_novel_std" in trial.data.metrics
+
+
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("job", ["sweep_vild_distill_coco", "sweep_cliff_steps_coco"])
+def test_coco_sweeps_in_smoke_mode(clone, job):
+    """The COCO sweeps end to end on the layout fixture, one value each."""
+    key = "method.distill_weight=[0.5]" if "vild" in job else "method.diffusion_steps=[5]"
+    out = run_as_user([PYTHON, f"jobs/{job}.py", "--smoke", f"sweep.params.{key}"], clone)
+    assert "1 trials" in out and "(completed)" in out and "experiment 'coco-smoke'" in out, out[-4000:]

@@ -19,7 +19,7 @@ def test_help_lists_commands(capsys):
     except SystemExit as stop:
         assert stop.code == 0
     out = capsys.readouterr().out
-    for command in ("config", "data", "eval"):
+    for command in ("config", "data", "eval", "train", "extract", "predict", "sweep", "compare"):
         assert command in out
 
 
@@ -133,3 +133,18 @@ def test_predict_refuses_a_malicious_checkpoint(tmp_path, capsys):
     missing = tmp_path / "nowhere"
     assert main(["predict", "--checkpoint", str(missing), "--image", "i.png", "--vocab", "a", "--out", "o"]) == 1
     assert f"checkpoint {missing} does not exist; expected an ovdlab checkpoint folder" in capsys.readouterr().err
+
+
+def test_a_bad_sweep_exits_2_naming_the_field_before_any_ray_work(capsys, monkeypatch):
+    import ovdlab.platform.tune.sweep as sweep
+
+    monkeypatch.setattr(sweep, "run_sweep", lambda s: pytest.fail("no sweep may start"))
+    assert main(["sweep", "vild_distill_shapes", "sweep.params.method.distill_weight=[-1]"]) == 2
+    assert "sweep.params.method.distill_weight = -1" in capsys.readouterr().err
+    assert main(["sweep", "vild_distill_shapes", "sweep.scheduler.kind=hyperband"]) == 2
+    assert "sweep.scheduler.kind" in capsys.readouterr().err
+
+
+def test_compare_without_job_runs_is_one_clear_error(tmp_path, capsys):
+    assert main(["compare", "--work-dir", str(tmp_path)]) == 1
+    assert "no finished job runs with detection metrics in experiment 'shapes'" in capsys.readouterr().err
