@@ -44,6 +44,12 @@ from ovdlab.platform.config import (
 
 SWEEPS_DIR = CONFIGS_DIR / "sweeps"
 SWEEP_PREFIX = "sweep."
+METRICS = {
+    "coco": ("ap50_novel", "ap50_base", "ap50_all", "ap", "ap50_novel_comp", "ap50_novel_concept"),
+    "lvis": ("ap", "apr", "apc", "apf"),
+}
+"""What an evaluation reports (COCO protocol, also shapes: its novel kinds; LVIS), so
+what a sweep can select on."""
 
 
 class Domain(Section):
@@ -175,7 +181,10 @@ def load_sweep(name: str | Path, overrides: list[str] | None = None) -> SweepCon
         sweep = SweepConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format(err, path)) from None
-    load_config(sweep.experiment, sweep.overrides)
+    cfg = load_config(sweep.experiment, sweep.overrides)
+    reported = METRICS["lvis" if cfg.dataset.kind == "lvis" else "coco"]
+    if sweep.metric not in reported:
+        raise ConfigError(f"sweep.metric: {sweep.metric!r} is not reported on {cfg.dataset.kind}; one of {', '.join(reported)}")
     for key, domain in sweep.params.items():
         for value in domain.probes():
             try:

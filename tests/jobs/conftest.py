@@ -1,4 +1,13 @@
-"""The job tests' copy of the repository, as a user's fresh clone has it."""
+"""The job tests' copy of the repository, as a user's fresh clone has it, and their two groups.
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml):
+the job tests are long subprocesses that leave a core partly idle while Ray starts,
+imports and polls. They form two groups, each on one worker with its own clone, so
+that a test reusing the stages an earlier one made (the CLIFF sweep reusing the CLIFF
+job's proposal detector) finds them: the tests on a clone of EZSD's and CLIFF's jobs and
+the two-node cluster in one, the other tests on a clone in the other. Other tests spread
+freely.
+"""
 
 from __future__ import annotations
 
@@ -21,3 +30,15 @@ def clone(tmp_path_factory, repo_root) -> Path:
             (dest / name).write_bytes(src.read_bytes())
     assert not (dest / "work").exists() and (dest / "jobs" / "shapes_demo.py").is_file()
     return dest
+
+
+METHOD_JOBS = ("ezsd", "cliff", "two_node")
+"""Test names that put a job test in the second group (see the module doc)."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "clone" not in getattr(item, "fixturenames", ()):
+            continue
+        group = "method-jobs" if any(word in item.name for word in METHOD_JOBS) else "platform-jobs"
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -57,6 +57,8 @@ def test_a_bad_sweep_fails_naming_the_field_or_the_value():
         load_sweep("vild_distill_shapes", ["sweep.params.method.distil_weight=[0.5]"])
     with pytest.raises(ConfigError, match="train.max_iter"):
         load_sweep("vild_distill_shapes", ["train.max_iter=0"])
+    with pytest.raises(ConfigError, match="sweep.metric: 'apr' is not reported on shapes"):
+        load_sweep("vild_distill_shapes", ["sweep.metric=apr"])
     with pytest.raises(ConfigError, match="sweep config not found: nope"):
         load_sweep("nope")
 
