@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from ovdlab.platform.config import content_key
 from ovdlab.platform.evaluation.tables import mean_std
@@ -137,19 +139,28 @@ def _time_cell(values: list[float]) -> str:
 
 
 def sweep_points(client: MlflowClient, experiment_id: str, sweep: Run, metric: str) -> dict[str, list[tuple[Any, float, bool]]]:
-    """A sweep's trials as ``(value, metric, completed)`` per swept key, from its trial runs
-    (a trial stopped early has no final metric on its run and is left out here)."""
-    trials = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'",
-                                max_results=10000)
-    points: dict[str, list[tuple[Any, float, bool]]] = {}
-    for run in trials:
-        if run.data.tags.get("kind") != "trial" or metric not in run.data.metrics:
-            continue
-        for tag, value in run.data.tags.items():
-            if tag.startswith("param."):
-                points.setdefault(tag[len("param."):], []).append(
-                    (json.loads(value), run.data.metrics[metric], "stopped_early" not in run.data.tags))
-    return points
+    """A sweep's trials as ``(value, metric, completed)`` per swept key: from the table the
+    sweep logged (``sweep/trials.json``, which keeps the last evaluation of the trials
+    stopped early), else from its finished trial runs."""
+    trials = _logged_trials(client, sweep)
+    if trials is None:
+        runs = client.search_runs([experiment_id], filter_string=f"tags.mlflow.parentRunId = '{sweep.info.run_id}'",
+                                  max_results=10000)
+        trials = [{**{t[len("param."):]: json.loads(v) for t, v in r.data.tags.items() if t.startswith("param.")},
+                   metric: r.data.metrics[metric], "completed": True}
+                  for r in runs if r.data.tags.get("kind") == "trial" and metric in r.data.metrics]
+    keys = [k for k in (trials[0] if trials else {}) if k not in {metric, "completed", "reports", "mlflow_run_id"}]
+    return {key: [(t[key], float(t[metric]) if t[metric] is not None else float("nan"), bool(t["completed"]))
+                  for t in trials] for key in keys}
+
+
+def _logged_trials(client: MlflowClient, sweep: Run) -> list[dict[str, Any]] | None:
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            table = json.loads(Path(client.download_artifacts(sweep.info.run_id, "sweep/trials.json", tmp)).read_text())
+    except (MlflowException, OSError):  # no table: a sweep still running, or killed before its end
+        return None
+    return table["trials"]
 
 
 def compare(tracker: Tracker, out_dir: Path, metric: str = "ap50_novel", filter_string: str = "") -> Comparison:

@@ -36,6 +36,7 @@ METHOD_JOBS = ("ezsd", "cliff", "two_node")
 """Test names that put a job test in the second group (see the module doc)."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "clone" not in getattr(item, "fixturenames", ()):

@@ -7,7 +7,14 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from ovdlab.platform.evaluation.compare import best_per_method, compare, comparison_table, job_runs, settings
+from ovdlab.platform.evaluation.compare import (
+    best_per_method,
+    compare,
+    comparison_table,
+    job_runs,
+    settings,
+    sweep_points,
+)
 from ovdlab.platform.tracking import Tracker
 
 
@@ -69,3 +76,18 @@ def test_compare_writes_table_and_figures_and_logs_a_comparison_run(tracker, tmp
     assert "| 0 |" in filtered.table and "0,1" not in filtered.table
     with pytest.raises(ValueError, match="no finished job runs"):
         compare(tracker, tmp_path / "none", filter_string="params.seed = '7'")
+
+
+def test_a_sweep_figure_keeps_the_trials_stopped_early_from_the_sweeps_table(tracker):
+    with tracker.start_run(run_name="asha", tags={"kind": "sweep", "sweep": "asha", "metric": "ap50_novel"}) as run_id:
+        tracker.log_dict({"metric": "ap50_novel", "trials": [
+            {"method.distill_weight": 0.1, "ap50_novel": 7.0, "completed": False, "reports": 1, "mlflow_run_id": None},
+            {"method.distill_weight": 0.5, "ap50_novel": 12.0, "completed": True, "reports": 4, "mlflow_run_id": "x"},
+        ]}, "sweep/trials.json")
+    sweep = tracker.client.get_run(run_id)
+    assert sweep_points(tracker.client, tracker.experiment_id, sweep, "ap50_novel") == {
+        "method.distill_weight": [(0.1, 7.0, False), (0.5, 12.0, True)]}
+    # Without the table (a sweep killed before its end): the finished trial runs.
+    other = next(r for r in tracker.client.search_runs([tracker.experiment_id], "tags.sweep = 'vild-distill'"))
+    assert sorted(sweep_points(tracker.client, tracker.experiment_id, other, "ap50_novel")["method.distill_weight"]) == [
+        (0.1, 5.0, True), (1.0, 9.0, True)]
