@@ -1,12 +1,12 @@
-"""The job tests' copy of the repository, as a user's fresh clone has it, and their two groups.
+"""The job tests' copy of the repository, as a user's fresh clone has it.
 
-The suite runs on two pytest-xdist workers (``-n 2 --dist loadgroup`` in pyproject.toml):
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile`` in pyproject.toml):
 the job tests are long subprocesses that leave a core partly idle while Ray starts,
-imports and polls. They form two groups, each on one worker with its own clone, so
-that a test reusing the stages an earlier one made (the CLIFF sweep reusing the CLIFF
-job's proposal detector) finds them: the tests on a clone of EZSD's and CLIFF's jobs and
-the two-node cluster in one, the other tests on a clone in the other. Other tests spread
-freely.
+imports and polls. A test file runs on one worker, in order, on its own clone, so a
+test finds the stages an earlier one of its file made; the job tests are split into
+files of similar length for the two workers. (``--dist loadgroup`` would group by
+marks, but with pytest 9.2 and pytest-xdist 3.8 the groups did not reach the node ids
+that xdist schedules by: grouped tests ran on both workers.)
 """
 
 from __future__ import annotations
@@ -31,15 +31,3 @@ def clone(tmp_path_factory, repo_root) -> Path:
     assert not (dest / "work").exists() and (dest / "jobs" / "shapes_demo.py").is_file()
     return dest
 
-
-METHOD_JOBS = ("ezsd", "cliff", "two_node")
-"""Test names that put a job test in the second group (see the module doc)."""
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if "clone" not in getattr(item, "fixturenames", ()):
-            continue
-        group = "method-jobs" if any(word in item.name for word in METHOD_JOBS) else "platform-jobs"
-        item.add_marker(pytest.mark.xdist_group(group))

@@ -16,53 +16,32 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from user_runs import (
+    BIN,
+    PYTHON,
+    SHRUNK_RUN,
+    TABLE,
+    children,
+    experiment_runs,
+    only_run,
+    resumed,
+    run_as_user,
+    run_until_checkpoint_of,
+)
 
 pytestmark = pytest.mark.slow
 
-PYTHON = sys.executable
-BIN = Path(sys.executable).parent
-SHRUNK_RUN = ["train.max_iter=4", "train.eval_period=2", "train.checkpoint_period=2"]
 LP_OVOD_DEMO = ["lp-ovod:method.objectness_floor=0"]
 DEMO_ROWS = ("vild-text", "vild", "vild-ensemble", "lp-ovod", "ezsd", "oracle")
 """Every method and the oracle; EZSD's ablation rows run in the EZSD job test (CI time)."""
 """The tiny world's RPN after 4 steps scores every proposal near 0.5: no objectness floor.
 (Only a ``method.*`` override: another one would also reach LP-OVOD's borrowed proposal
 detector and make it a second ViLD-text training.)"""
-TABLE = re.compile(r"AP50 novel \d+\.\d \| base \d+\.\d \| all \d+\.\d")
-
-
-def user_env(**extra: str) -> dict[str, str]:
-    """The environment of a user's shell: no Ray address, offline hub, this venv first on PATH."""
-    env = {k: v for k, v in os.environ.items() if k not in {"RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI"}}
-    env.update(HF_HUB_OFFLINE="1", RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1", MPLBACKEND="Agg",
-               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
-    env.update(extra)
-    return env
-
-
-def run_as_user(cmd: list[str], cwd: Path, timeout: int = 900, **env: str) -> str:
-    """Run ``cmd`` in ``cwd``; its combined output, after asserting it exited 0."""
-    done = subprocess.run([str(c) for c in cmd], cwd=cwd, env=user_env(**env), stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{' '.join(map(str, cmd))} exited {done.returncode}:\n{done.stdout[-8000:]}"
-    return done.stdout
-
-
-def only_run(db: Path, name_prefix: str, kind: str = "train"):
-    """The one MLflow run of ``kind`` (``train``, or ``recipe`` for a job's parent run) named so."""
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("shapes")
-    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    runs = [r for r in client.search_runs([exp.experiment_id])
-            if r.info.run_name.startswith(name_prefix) and r.data.tags.get("kind") == kind]
-    assert len(runs) == 1, [r.info.run_name for r in runs]
-    return client, runs[0]
 
 
 @pytest.mark.timeout(2400)
@@ -196,39 +175,10 @@ def test_ray_job_submit_to_a_local_head(clone, tiny_overrides, local_head, tmp_p
 LP_OVOD = ["method.objectness_floor=0", "method.retrieval_k=4", "train.distill_per_image=8"]
 
 
-def resumed(out: str, total: int = 4) -> bool:
-    """Whether the rerun continued the killed training from a checkpoint (step 2, or the
-    last step when the killed run had already written its last one before the kill landed)."""
-    return re.search(rf"resuming at step (2|{total})/{total}", out) is not None
-
-
-def _run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900, marker: str | None = None) -> str:
-    """Start ``cmd``; once its train stage ``stage`` (or the first training after the line
-    ``marker``) has written its first checkpoint, SIGKILL its whole process group (driver
-    and its local Ray). Returns the output up to then."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    lines: list[str] = []
-    in_probe = False
-    deadline = time.time() + timeout
-    try:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.append(line)
-            in_probe = in_probe or (marker or f"stage {stage} (train") in line
-            if in_probe and "Checkpoint successfully created" in line:
-                break
-            assert time.time() < deadline, "".join(lines[-200:])
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
-    assert in_probe, "".join(lines[-200:])
-    return "".join(lines)
-
-
 @pytest.mark.timeout(1800)
 def test_lp_ovod_job_runs_its_recipe_and_resumes_a_killed_probe(clone, tiny_overrides):
     cmd = [PYTHON, "jobs/lp_ovod_shapes.py", *tiny_overrides, *SHRUNK_RUN, *LP_OVOD]
-    first = _run_until_checkpoint_of("probe", cmd, clone)
+    first = run_until_checkpoint_of("probe", cmd, clone)
     assert "stage retrieval (post" in first
     out = run_as_user(cmd, clone)
     for stage in ("proposal-detector (train)", "store (extract)", "base (train)", "retrieval (post)"):
@@ -268,105 +218,9 @@ def test_lp_ovod_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
     assert (root / "annotations").is_dir() and (root / "raw").is_dir()
 
 
-@pytest.mark.timeout(1800)
-def test_ezsd_job_with_rpn_proposals_runs_its_recipe_and_resumes_a_killed_training(clone, tiny_overrides):
-    """EZSD's proposal ablation as a user runs it: tuned teacher, the proposal detector
-    (ViLD-text's run, reused when the demo test made it), a store of RPN proposals and
-    ground-truth boxes, a training killed after its first checkpoint and resumed by rerun."""
-    cmd = [PYTHON, "jobs/ezsd_shapes.py", *tiny_overrides, *SHRUNK_RUN, "proposals.source=rpn"]
-    first = _run_until_checkpoint_of("train", cmd, clone)
-    assert "stage store (extract" in first
-    out = run_as_user(cmd, clone)
-    for stage in ("teacher (teacher)", "proposal-detector (train)", "store (extract)"):
-        assert f"stage {stage}: reused" in out, out[-4000:]
-    assert resumed(out) and "teacher crop accuracy base " in out and "AP50 novel" in out
-
-    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
-    job = client.get_run(re.search(r"MLflow job run (\w+)", out).group(1))
-    assert job.data.tags["kind"] == "recipe" and job.data.tags["stages"] == "teacher,proposal-detector,store,train"
-    runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id]
-    names = [r.info.run_name for r in children]
-    assert len(set(names)) == len(names), names  # one child per stage that ran here, none twice after the resume
-    assert {"extract", "teacher", "train"} <= {r.data.tags.get("kind") for r in children}, names
-    assert len([n for n in names if n.startswith("ezsd-shapes-") and not n.endswith(("/teacher", "/store"))]) == 1, names
-    teacher = next(r for r in children if r.data.tags.get("kind") == "teacher")
-    assert {"teacher/acc_novel_before", "teacher/acc_novel_after"} <= set(teacher.data.metrics)
-    store = Path(next(r for r in children if r.data.tags.get("kind") == "extract").data.tags["output"])
-    assert json.loads((store / "manifest.json").read_text())["proposal_source"] == "rpn"
-
-
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("kind", ["coco", "lvis"])
-def test_ezsd_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
-    """``--smoke``: EZSD's COCO / LVIS job end to end on the layout fixture (CLIP proposals
-    from the LN-tuned random tiny teacher), default work dir, own Ray."""
-    out = run_as_user([PYTHON, f"jobs/ezsd_{kind}.py", "--smoke"], clone)
-    for stage in ("teacher (teacher)", "store (extract)", "train (train)"):
-        assert f"stage {stage}: " in out, out[-4000:]
-    assert "teacher crop accuracy base " in out and f"experiment '{kind}-smoke'" in out
-
-
-CLIFF = ["train.max_iter=4", "train.checkpoint_period=2", "eval.seeds=2"]
-"""Phases of 1, 3 and 1 steps (``method.stage_split`` 3 : 12 : 4 of 4); two sampling seeds."""
-
-
-@pytest.mark.timeout(1800)
-def test_cliff_job_chains_three_phases_resumes_a_killed_one_and_evaluates_over_seeds(clone, tiny_overrides):
-    """CLIFF as a user runs it: the proposal detector, stage 1, stage 2 killed after its first
-    checkpoint and resumed by rerun from there, the final phase, and the evaluation over two
-    sampling seeds whose mean and spread become the job's metrics."""
-    cmd = [PYTHON, "jobs/cliff_shapes.py", *tiny_overrides, *CLIFF]
-    first = _run_until_checkpoint_of("obj-img-txt", cmd, clone)
-    assert "stage obj-txt (train" in first
-    out = run_as_user(cmd, clone)
-    for stage in ("proposal-detector (train)", "store (extract)", "obj-txt (train)"):
-        assert f"stage {stage}: reused" in out, out[-4000:]
-    assert resumed(out, total=3), out[-4000:]
-    assert "stage final (train): " in out and "stage eval (eval): " in out
-
-    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
-    job = client.get_run(re.search(r"MLflow job run (\w+)", out).group(1))
-    assert job.data.tags["stages"] == "proposal-detector,store,obj-txt,obj-img-txt,final,eval"
-    assert job.data.tags["metrics_stage"] == "eval"
-    assert {"ap50_novel", "ap50_novel_std", "ap50_base_std"} <= set(job.data.metrics)
-    runs = client.search_runs([client.get_experiment_by_name("shapes").experiment_id])
-    evaluation = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == job.info.run_id
-                      and r.data.tags.get("kind") == "eval")
-    seeds = client.get_metric_history(evaluation.info.run_id, "seeds/ap50_novel")
-    assert sorted(m.step for m in seeds) == [0, 1]
-    mean = sum(m.value for m in seeds) / 2
-    assert job.data.metrics["ap50_novel"] == pytest.approx(mean)
-    # Stage 2 started from stage 1's weights and trained the image chain; stage 1 did not.
-    phases = {r.data.params.get("train.max_iter"): r for r in runs
-              if r.data.tags.get("mlflow.parentRunId") == job.info.run_id and r.data.tags.get("kind") == "train"}
-    assert phases["3"].data.params["method.image_chain"] == "true"
-    assert phases["3"].data.params["train.init_from"].startswith(str(clone / "work" / "runs" / "cliff-shapes-"))
-
-
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("kind", ["coco", "lvis"])
-def test_cliff_coco_and_lvis_jobs_in_smoke_mode(clone, kind):
-    """``--smoke``: CLIFF's COCO / LVIS job end to end on the layout fixture: R50-C4's
-    structure at ResNet-18, the three phases and the three-seed evaluation."""
-    out = run_as_user([PYTHON, f"jobs/cliff_{kind}.py", "--smoke"], clone)
-    for stage in ("proposal-detector (train)", "store (extract)", "obj-txt (train)", "obj-img-txt (train)", "final (train)", "eval (eval)"):
-        assert f"stage {stage}: " in out, out[-4000:]
-    assert f"experiment '{kind}-smoke'" in out
-
-
 SWEEP = ["train.distill_per_image=8", "sweep.params.method.distill_weight=[0.25,1.0]", "sweep.max_concurrent_trials=1",
          "sweep.scheduler.kind=fifo"]
 """Two trials one after the other (the second is killed), no early stopping (tiny runs tie)."""
-
-
-def _experiment_runs(clone: Path, name: str = "shapes") -> tuple[MlflowClient, list]:
-    client = MlflowClient(f"sqlite:///{clone / 'work' / 'mlflow.db'}")
-    return client, client.search_runs([client.get_experiment_by_name(name).experiment_id], max_results=5000)
-
-
-def _children(runs: list, parent) -> list:
-    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
 @pytest.mark.timeout(1800)
@@ -375,7 +229,7 @@ def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares
     during the second trial, the rerun keeps the finished one and resumes the other; one
     MLflow run per sweep with a child per trial; ``ovdlab compare`` over its trials."""
     cmd = [PYTHON, "jobs/sweep_vild_distill_shapes.py", *tiny_overrides, *SHRUNK_RUN, *SWEEP]
-    first = _run_until_checkpoint_of("", cmd, clone, marker="trial method.distill_weight=1.0 runs its recipe")
+    first = run_until_checkpoint_of("", cmd, clone, marker="trial method.distill_weight=1.0 runs its recipe")
     assert "shared stages proposal-detector, store run once" in first
     assert "trial method.distill_weight=0.25 runs its recipe" in first
     out = run_as_user(cmd, clone)
@@ -383,16 +237,16 @@ def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares
     assert "trial method.distill_weight=0.25 runs its recipe" not in out  # finished before the kill: kept
     assert "stage proposal-detector reused" in out and "stage store reused" in out
 
-    client, runs = _experiment_runs(clone)
+    client, runs = experiment_runs(clone)
     sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0].data.params["space.method.distill_weight"] == "values [0.25, 1.0]"
-    children = _children(runs, sweeps[0])
+    children = children(runs, sweeps[0])
     assert sorted(r.data.tags["kind"] for r in children) == ["sweep-shared", "trial", "trial"]
     trials = [r for r in children if r.data.tags["kind"] == "trial"]
     assert len({r.info.run_name for r in trials}) == 2 and all(r.info.status == "FINISHED" for r in trials)
     assert sum(r.data.tags.get("best") == "true" for r in trials) == 1
     for trial in trials:  # each trial trained once (resumed, not restarted) and extracted nothing
-        assert [r.data.tags["kind"] for r in _children(runs, trial)] == ["train"]
+        assert [r.data.tags["kind"] for r in children(runs, trial)] == ["train"]
         assert "ap50_novel" in trial.data.metrics and "time/cpu_hours" in trial.data.metrics
     shared = next(r for r in children if r.data.tags["kind"] == "sweep-shared")
     assert sorted(shared.data.tags["stages"].split(",")) == ["proposal-detector", "store"]
@@ -405,26 +259,7 @@ def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares
 
 
 @pytest.mark.timeout(1800)
-def test_cliff_steps_sweep_trial_chains_its_phases(clone, tiny_overrides):
-    """CLIFF's sweep with one value: the proposal detector and store shared (the CLIFF job
-    test's when it ran before on this clone), the trial's three phases and its evaluation
-    over seeds."""
-    cmd = [PYTHON, "jobs/sweep_cliff_steps_shapes.py", *tiny_overrides, *CLIFF, "train.eval_period=0",
-           "sweep.params.method.diffusion_steps=[5]"]
-    out = run_as_user(cmd, clone)
-    assert "sweep cliff-steps-shapes: 1 trials" in out and "method.diffusion_steps=5: ap50_novel" in out, out[-4000:]
-    assert "shared stages proposal-detector, store run once" in out  # (or reused: the CLIFF job test made them)
-    client, runs = _experiment_runs(clone)
-    sweep = next(r for r in runs if r.data.tags.get("sweep") == "cliff-steps-shapes" and r.data.tags["kind"] == "sweep")
-    trial = next(r for r in _children(runs, sweep) if r.data.tags["kind"] == "trial")
-    assert trial.data.tags["stages"] == "proposal-detector,store,obj-txt,obj-img-txt,final,eval"
-    assert trial.data.params["method.diffusion_steps"] == "5" and "ap50_novel_std" in trial.data.metrics
-
-
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("job", ["sweep_vild_distill_coco", "sweep_cliff_steps_coco"])
-def test_coco_sweeps_in_smoke_mode(clone, job):
-    """The COCO sweeps end to end on the layout fixture, one value each."""
-    key = "method.distill_weight=[0.5]" if "vild" in job else "method.diffusion_steps=[5]"
-    out = run_as_user([PYTHON, f"jobs/{job}.py", "--smoke", f"sweep.params.{key}"], clone)
+def test_vild_coco_sweep_in_smoke_mode(clone):
+    """The COCO sweep of ViLD's distillation weight end to end on the layout fixture, one value."""
+    out = run_as_user([PYTHON, "jobs/sweep_vild_distill_coco.py", "--smoke", "sweep.params.method.distill_weight=[0.5]"], clone)
     assert "1 trials" in out and "(completed)" in out and "experiment 'coco-smoke'" in out, out[-4000:]
