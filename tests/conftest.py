@@ -61,13 +61,17 @@ def tiny_overrides() -> list[str]:
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the whole session (2 CPUs, no dashboard, workers not niced)."""
+    """One local Ray per test process (2 CPUs, workers not niced), with its dashboard: Ray
+    Train V2's placement-group cleaner asks the State API whether a training's controller
+    lives, and a Ray without a dashboard is answered by another one on this machine (the
+    other xdist worker's), which does not know the controller: the run's workers were
+    removed mid-training."""
     import ray
 
     if not ray.is_initialized():
         from ovdlab.platform.cluster import init_ray
 
-        init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+        init_ray("local", num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False,
                  _system_config={"worker_niceness": 0})
     yield ray
     ray.shutdown()

@@ -32,6 +32,7 @@ from user_runs import (
     resumed,
     run_as_user,
     run_until_checkpoint_of,
+    user_env,
 )
 
 pytestmark = pytest.mark.slow
@@ -240,15 +241,15 @@ def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares
     client, runs = experiment_runs(clone)
     sweeps = [r for r in runs if r.data.tags.get("kind") == "sweep"]
     assert len(sweeps) == 1 and sweeps[0].data.params["space.method.distill_weight"] == "values [0.25, 1.0]"
-    children = children(runs, sweeps[0])
-    assert sorted(r.data.tags["kind"] for r in children) == ["sweep-shared", "trial", "trial"]
-    trials = [r for r in children if r.data.tags["kind"] == "trial"]
+    under_sweep = children(runs, sweeps[0])
+    assert sorted(r.data.tags["kind"] for r in under_sweep) == ["sweep-shared", "trial", "trial"]
+    trials = [r for r in under_sweep if r.data.tags["kind"] == "trial"]
     assert len({r.info.run_name for r in trials}) == 2 and all(r.info.status == "FINISHED" for r in trials)
     assert sum(r.data.tags.get("best") == "true" for r in trials) == 1
     for trial in trials:  # each trial trained once (resumed, not restarted) and extracted nothing
         assert [r.data.tags["kind"] for r in children(runs, trial)] == ["train"]
         assert "ap50_novel" in trial.data.metrics and "time/cpu_hours" in trial.data.metrics
-    shared = next(r for r in children if r.data.tags["kind"] == "sweep-shared")
+    shared = next(r for r in under_sweep if r.data.tags["kind"] == "sweep-shared")
     assert sorted(shared.data.tags["stages"].split(",")) == ["proposal-detector", "store"]
     artifacts = {a.path for a in client.list_artifacts(sweeps[0].info.run_id, "sweep")}
     assert {"sweep/trials.md", "sweep/trials.json", "sweep/ap50_novel_vs_method.distill_weight.png"} <= artifacts

@@ -11,7 +11,7 @@ import re
 
 import pytest
 from mlflow import MlflowClient
-from user_runs import PYTHON, children, experiment_runs, resumed, run_as_user, run_until_checkpoint_of
+from user_runs import PYTHON, SHRUNK_RUN, children, experiment_runs, resumed, run_as_user, run_until_checkpoint_of
 
 pytestmark = pytest.mark.slow
 

@@ -111,8 +111,8 @@ def test_flatten():
 
 
 def test_every_shipped_config_validates(repo_root):
-    files = sorted((repo_root / "configs").rglob("*.yaml"))
-    assert files, "configs/ ships YAML files"
+    files = sorted(p for p in (repo_root / "configs").rglob("*.yaml") if p.parent.name != "sweeps")
+    assert files, "configs/ ships YAML files"  # the sweeps: tests/platform/tune/test_tune_config.py
     for path in files:
         load_config(path)
 
