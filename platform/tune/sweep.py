@@ -198,7 +198,35 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
     tags = {"kind": "trial", "sweep": job.sweep, **{f"param.{key}": json.dumps(value) for key, value in params.items()}}
     with reporting_to_tune(job.metric):
         result = run_recipe(job.experiment, overrides, parent_run_id=job.parent_run_id, tags=tags, role="trial")
+    if result.parent_run_id is not None:
+        copy_evaluations(result)
     tune.report({**{k: float(v) for k, v in result.metrics.items()}, TRIAL_DONE: 1.0})
+
+
+EVALUATION_KEYS = ("ap50_novel", "ap50_base", "ap50_all", "ap50_novel_comp", "ap50_novel_concept", "ap", "apr", "apc", "apf")
+
+
+def copy_evaluations(result: Any) -> None:
+    """The trial's evaluations over steps, onto its own run as ``curve/<metric>``: the
+    ``val/<metric>`` histories of the training phases run under it (not the shared
+    stages), one phase after the other (a phase's steps continue from the previous
+    phase's last), so the trial's run charts its curve without opening each phase."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(result.tracking_uri)
+    offset = 0
+    for stage in result.stages:
+        if stage.kind != "train" or stage.mlflow_run_id is None:
+            continue
+        run = client.get_run(stage.mlflow_run_id)
+        if run.data.tags.get("mlflow.parentRunId") != result.parent_run_id:
+            continue
+        history = [m for key in EVALUATION_KEYS if f"val/{key}" in run.data.metrics
+                   for m in client.get_metric_history(run.info.run_id, f"val/{key}")]
+        client.log_batch(result.parent_run_id, metrics=[
+            Metric(f"curve/{m.key[len('val/'):]}", m.value, m.timestamp, m.step + offset) for m in history])
+        offset += max((m.step for m in history), default=0)
 
 
 def _sweep_run(cfg: ExperimentConfig, sweep: SweepConfig) -> tuple[str, Path, str | None]:

@@ -249,6 +249,7 @@ def test_vild_sweep_runs_shared_stages_once_resumes_a_killed_driver_and_compares
     for trial in trials:  # each trial trained once (resumed, not restarted) and extracted nothing
         assert [r.data.tags["kind"] for r in children(runs, trial)] == ["train"]
         assert "ap50_novel" in trial.data.metrics and "time/cpu_hours" in trial.data.metrics
+        assert [m.step for m in client.get_metric_history(trial.info.run_id, "curve/ap50_novel")] == [2, 4]
     shared = next(r for r in under_sweep if r.data.tags["kind"] == "sweep-shared")
     assert sorted(shared.data.tags["stages"].split(",")) == ["proposal-detector", "store"]
     artifacts = {a.path for a in client.list_artifacts(sweeps[0].info.run_id, "sweep")}

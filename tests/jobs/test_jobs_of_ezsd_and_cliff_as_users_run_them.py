@@ -7,7 +7,9 @@ these tests share their clone (a sweep reuses the stages the CLIFF job made).
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient

@@ -56,10 +56,18 @@ def resumed(out: str, total: int = 4) -> bool:
     return re.search(rf"resuming at step (2|{total})/{total}", out) is not None
 
 
+REPORT_GRACE_S = 2.0
+
+
 def run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: float = 900, marker: str | None = None) -> str:
     """Start ``cmd``; once its train stage ``stage`` (or the first training after the line
-    ``marker``) has written its first checkpoint, SIGKILL its whole process group (driver
-    and its local Ray). Returns the output up to then."""
+    ``marker``) has reported its first checkpoint, SIGKILL its whole process group (driver
+    and its local Ray). Returns the output up to then.
+
+    The kill waits for the worker's report line and ``REPORT_GRACE_S`` more: the line that
+    the checkpoint was written comes before Ray Train's controller records it, and a kill
+    in between (seen on a loaded machine) leaves a run that restarts instead of resuming.
+    """
     proc = subprocess.Popen(cmd, cwd=cwd, env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     lines: list[str] = []
@@ -69,7 +77,8 @@ def run_until_checkpoint_of(stage: str, cmd: list[str], cwd: Path, timeout: floa
         for line in proc.stdout:  # type: ignore[union-attr]
             lines.append(line)
             in_probe = in_probe or (marker or f"stage {stage} (train") in line
-            if in_probe and "Checkpoint successfully created" in line:
+            if in_probe and "Reporting training result" in line:
+                time.sleep(REPORT_GRACE_S)
                 break
             assert time.time() < deadline, "".join(lines[-200:])
     finally:
