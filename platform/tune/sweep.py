@@ -34,7 +34,7 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,12 @@ class TrialOutcome:
     mlflow_run_id: str | None = None
 
     def label(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in self.params.items())
+        return params_label(self.params)
+
+
+def params_label(params: dict[str, Any]) -> str:
+    """``method.distill_weight=0.5, seed=1``: a trial's values as the logs and tables show them."""
+    return ", ".join(f"{key}={value}" for key, value in params.items())
 
 
 @dataclass
@@ -80,7 +85,6 @@ class SweepResult:
     tracking_uri: str
     experiment: str
     concurrency: int
-    storage: Path = field(default_factory=Path)
 
     def report_lines(self) -> list[str]:
         metric = self.sweep.metric
@@ -193,8 +197,7 @@ def run_trial(config: dict[str, Any], job: TrialJob) -> None:
 
     params = dict(config["params"])
     overrides = [*job.overrides, *(override(key, value) for key, value in params.items())]
-    label = ", ".join(f"{key}={value}" for key, value in params.items())
-    print(f"sweep {job.sweep}: trial {label} runs its recipe", flush=True)
+    print(f"sweep {job.sweep}: trial {params_label(params)} runs its recipe", flush=True)
     tags = {"kind": "trial", "sweep": job.sweep, **{f"param.{key}": json.dumps(value) for key, value in params.items()}}
     with reporting_to_tune(job.metric):
         result = run_recipe(job.experiment, overrides, parent_run_id=job.parent_run_id, tags=tags, role="trial")
@@ -386,5 +389,5 @@ def run_sweep(sweep: SweepConfig) -> SweepResult:
         if parent is not None:
             _track_outcomes(tracker, parent, trials, best, sweep)
             log_sweep_summary(tracker, sweep, trials, best)
-    return SweepResult(sweep, trials, best, shared, parent, tracker.uri, tracker.experiment, concurrency, storage)
+    return SweepResult(sweep, trials, best, shared, parent, tracker.uri, tracker.experiment, concurrency)
 
