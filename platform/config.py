@@ -288,6 +288,10 @@ class TrainConfig(Section):
     their BatchNorm statistics stop updating (``ovdlab.platform.train.freezing``);
     ``model.trainable_layers`` still freezes the lower ResNet layers as before.
 
+    ``amp``: mixed precision where the device computes it natively: float16 on GPU,
+    bfloat16 on a CPU with AVX512-BF16 or AMX, float32 elsewhere
+    (``ovdlab.platform.train.loop.autocast_dtype``).
+
     ``pseudo_labels``: a JSON file of pseudo-labelled boxes (LP-OVOD's retrieval stage
     writes it: ``categories`` and COCO-style ``annotations``). Its classes join the
     training vocabulary, still marked novel (they never had a ground-truth box), and the

@@ -7,7 +7,8 @@ precision, gradient clipping, periodic evaluation, checkpoints, resume and loggi
 Per step (the torchvision detection references' ``train_one_epoch``): a batch of
 resized, flipped images with base-class targets (and stored distillation regions when
 the method distills) -> ``model(images, targets)`` -> the sum of the loss dict ->
-backward under ``torch.autocast`` with a ``GradScaler`` on GPU -> optional gradient-norm
+backward under ``torch.autocast`` (``train.amp``: float16 with a ``GradScaler`` on GPU,
+bfloat16 on a CPU with native bfloat16 arithmetic) -> optional gradient-norm
 clipping -> optimizer and per-iteration LR scheduler step.
 
 Every ``eval_period`` steps and at the end, rank 0 evaluates on the validation split
@@ -381,11 +382,25 @@ def _batches(loader: DataLoader, sampler: DistributedSampler, epoch: int) -> Ite
         epoch += 1
 
 
-def _amp(cfg: ExperimentConfig, device: torch.device) -> bool:
-    """Mixed precision on GPU only: float16 autocast with a ``GradScaler``, as the torchvision
-    detection references' ``--amp`` (float16 keeps more mantissa than bfloat16 for box
-    coordinates in the hundreds of pixels)."""
-    return cfg.train.amp and device.type == "cuda"
+def autocast_dtype(cfg: ExperimentConfig, device: torch.device) -> torch.dtype | None:
+    """The mixed-precision type of ``train.amp`` on ``device``, or None for float32.
+
+    GPU: float16 autocast with a ``GradScaler``, as the torchvision detection references'
+    ``--amp`` (float16 keeps more mantissa than bfloat16 for box coordinates in the
+    hundreds of pixels). CPU: bfloat16, only where the CPU computes it natively
+    (AVX512-BF16 or AMX; oneDNN's convolutions then run about 1.4 times faster with
+    channels-last weights, ``docs/benchmarks.md``, "Schedule"); elsewhere emulated
+    bfloat16 would be slower than float32, so the CPU stays in float32. Autocast runs
+    only convolutions and matrix products in the low precision; box coding, losses and
+    the optimizer stay float32.
+    """
+    if not cfg.train.amp:
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and torch.cpu._is_avx512_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def _log_losses(tracker: Tracker | None, rows: list[tuple[int, dict[str, float]]]) -> None:
@@ -446,12 +461,12 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
 
     trainer_state = load_start_state(raw, cfg, session)
     frozen_norms = freeze(raw, tcfg.freeze)
-    raw.to(device)
+    amp_dtype = autocast_dtype(cfg, device)
+    raw.to(device, memory_format=torch.channels_last if amp_dtype == torch.bfloat16 else torch.preserve_format)
     model = session.prepare_model(raw)
     optimizer = build_optimizer(raw, tcfg)
     scheduler = build_scheduler(optimizer, tcfg)
-    use_amp = _amp(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start = 0
     if trainer_state is not None:
         optimizer.load_state_dict(trainer_state["optimizer"])
@@ -482,7 +497,7 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
         images = [im.to(device, non_blocking=True) for im in images]
         targets = targets_to(targets, device)
         t_data = time.perf_counter() - t0
-        with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss_dict = model(images, targets)
         loss = total_loss(loss_dict)
         optimizer.zero_grad(set_to_none=True)

@@ -208,5 +208,5 @@ def test_a_layer_naming_another_method_replaces_the_method_section():
     vild = {"method": {"name": "vild-text", "temperature": 0.01}, "train": {"max_iter": 350}}
     assert merge_layer(vild, {"method": {"name": "cliff"}}) == {"method": {"name": "cliff"}, "train": {"max_iter": 350}}
     assert merge_layer(vild, {"method": {"temperature": 0.02}})["method"] == {"name": "vild-text", "temperature": 0.02}
-    cfg = load_config("experiments/cliff_shapes")
-    assert cfg.method.name == "cliff" and cfg.train.max_iter == 350 and cfg.train.optimizer == "adamw"
+    cfg, vild_text = load_config("experiments/cliff_shapes"), load_config("experiments/vild_text_shapes")
+    assert cfg.method.name == "cliff" and cfg.train == vild_text.train.model_copy(update={"distill_per_image": 32})

@@ -17,6 +17,7 @@ from ovdlab.platform.train.loop import (
     LoopArgs,
     _collate_with_skips,
     _SkipUndecodable,
+    autocast_dtype,
     run_loop,
 )
 from ovdlab.platform.train.trainer import RUN_INFO, prepare_training, run_dir_for, train
@@ -56,6 +57,18 @@ def test_losses_fall_in_process(tiny_cfg_factory, capsys):
     again = run_loop(LoopArgs(cfg=cfg.model_dump(mode="json"), text_path=str(prepared.text_path)), session)
     assert again.start_step == 40 and again.losses == []
     assert "resuming at step 40/40: nothing left to train" in capsys.readouterr().out
+
+
+def test_mixed_precision_only_where_the_device_computes_it_natively(tiny_cfg_factory, monkeypatch):
+    import torch
+
+    cfg, off = tiny_cfg_factory([]), tiny_cfg_factory(["train.amp=false"])
+    assert autocast_dtype(cfg, torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    assert autocast_dtype(cfg, torch.device("cpu")) == torch.bfloat16
+    assert autocast_dtype(off, torch.device("cpu")) is None and autocast_dtype(off, torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # emulated bf16 would be slower
+    assert autocast_dtype(cfg, torch.device("cpu")) is None
 
 
 def test_batch_must_divide_over_workers(tiny_cfg_factory):

@@ -92,7 +92,28 @@ def test_optimizers_and_weight_decay_groups():
     assert all(p.ndim == 1 for p in no_decay["params"])
     assert sum(len(g["params"]) for g in sgd.param_groups) == len(list(model.parameters()))
     adamw = build_optimizer(model, TrainConfig(optimizer="adamw", lr=1e-3))
-    assert isinstance(adamw, torch.optim.AdamW)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
+
+
+def test_fused_adamw_takes_the_steps_of_the_plain_one():
+    """Fused is a faster kernel of the same update (weight decay groups included)."""
+    torch.manual_seed(0)
+    fused_model, plain_model = _model(), _model()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = build_optimizer(fused_model, TrainConfig(optimizer="adamw", lr=1e-2, weight_decay=0.05))
+    plain = torch.optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in build_optimizer(plain_model, TrainConfig(
+            optimizer="adamw", weight_decay=0.05)).param_groups],
+        lr=1e-2,
+    )
+    x = torch.randn(16, 4)
+    for _ in range(5):
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_model_is_an_error():
