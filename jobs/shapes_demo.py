@@ -75,8 +75,9 @@ ABLATIONS = {
     "ezsd-untuned-teacher": ("ezsd", "experiments/ezsd_untuned_shapes"),
 }
 """Rows of a method run with one ingredient swapped: row -> (method, experiment)."""
-PICTURE_FROM = ("vild", "vild-text")
-"""The run whose detections the demo draws: the first of these that ran (last seed)."""
+PICTURE_FROM = ("lp-ovod", "vild", "vild-text")
+"""The run whose detections the demo draws: the first of these that ran (last seed).
+LP-OVOD first: of the methods it is the one that names the held-out concept."""
 
 
 def experiment(row: str) -> str:

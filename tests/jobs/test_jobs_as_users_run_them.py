@@ -71,7 +71,7 @@ def test_shapes_demo_from_a_fresh_clone(clone, tiny_overrides):
     assert vild_job.data.tags["stages"] == "proposal-detector,store,train" and "stage.proposal-detector" in vild_job.data.tags
     assert "stage proposal-detector (train): reused" in out
     assert (clone / "work" / "comparison.md").is_file()
-    assert (clone / "work" / "showcase" / "vild" / "detections.png").is_file() and "held-out concept" in out
+    assert (clone / "work" / "showcase" / "lp-ovod" / "detections.png").is_file() and "held-out concept" in out
 
 
 def test_ovdlab_extract_then_train_from_a_fresh_clone(clone, tiny_overrides):
