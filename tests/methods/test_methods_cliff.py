@@ -167,9 +167,10 @@ def test_recipe_chains_three_phases_and_evaluates_over_seeds():
     assert [s.name for s in stages] == ["proposal-detector", "store", "obj-txt", "obj-img-txt", "final", "eval"]
     _, store, one, two, three, evaluation = stages
     assert store.kind == "extract"
-    assert "method.image_chain=false" in one.overrides and "train.max_iter=55" in one.overrides
-    assert "train.max_iter=221" in two.overrides and two.reads["train.init_from"] == "obj-txt"
-    assert "train.max_iter=74" in three.overrides and three.reads["train.init_from"] == "obj-img-txt"
+    first, second, third = phase_lengths(cfg.train.max_iter, [3, 12, 4])
+    assert "method.image_chain=false" in one.overrides and f"train.max_iter={first}" in one.overrides
+    assert f"train.max_iter={second}" in two.overrides and two.reads["train.init_from"] == "obj-txt"
+    assert f"train.max_iter={third}" in three.overrides and three.reads["train.init_from"] == "obj-img-txt"
     assert f"train.lr={cfg.train.lr * 0.1:g}" in three.overrides
     assert all(s.reads["proposals.checkpoint"] == "proposal-detector" for s in (store, one, two, three))
     assert evaluation.kind == "eval" and cfg.eval.seeds == 3 and cfg.model.neck == "fpn"
@@ -181,6 +182,7 @@ def test_phase_lengths_share_the_budget():
     assert phase_lengths(570000, [3, 12, 4]) == (90000, 360000, 120000)
     assert phase_lengths(4, [3, 12, 4]) == (1, 3, 1)
     assert phase_lengths(350, [3, 12, 4]) == (55, 221, 74)
+    assert phase_lengths(560, [3, 12, 4]) == (88, 354, 118)
 
 
 def test_over_seeds_reports_mean_and_spread():
