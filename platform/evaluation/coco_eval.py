@@ -21,6 +21,7 @@ from ovdlab.platform.evaluation.common import (
     per_class_counts,
     SPLITS,
     ClassAP,
+    base_named_novel,
     check_gt,
     eval_copy_of_gt,
     load_json_input,
@@ -43,7 +44,9 @@ class SplitMetrics:
     a NaN mean). ``pr`` maps category id -> precision at IoU 0.5 over
     ``recall_thresholds`` (the 101 of COCOeval), kept from the same run for plotting:
     interpolated as COCOeval stores it (max precision at any recall to the right, 0
-    past the last recall reached), NaN for classes without gt.
+    past the last recall reached), NaN for classes without gt. ``base_named_novel``:
+    the percent of base objects a novel class wins (:func:`~ovdlab.platform.evaluation.common.base_named_novel`),
+    what separates base AP50 lost to novel competition from base classes not learned.
     """
 
     ap50_novel: float
@@ -54,6 +57,7 @@ class SplitMetrics:
     classes_without_gt: list[int] = field(default_factory=list)
     max_dets: int = 100
     novel_kinds: dict[str, float] = field(default_factory=dict)
+    base_named_novel: float = float("nan")
     pr: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
     recall_thresholds: np.ndarray = field(default_factory=lambda: np.linspace(0.0, 1.0, 101), repr=False, compare=False)
 
@@ -61,6 +65,7 @@ class SplitMetrics:
         """Flat metric names, as logged to MLflow."""
         out = {"ap50_novel": self.ap50_novel, "ap50_base": self.ap50_base, "ap50_all": self.ap50_all, "ap": self.ap}
         out.update({f"ap50_novel_{kind}": value for kind, value in self.novel_kinds.items()})
+        out["base_named_novel"] = self.base_named_novel
         return out
 
 
@@ -166,6 +171,7 @@ def evaluate_coco_ovd(gt: Path | str | dict, results: list[dict] | Path | str, m
         classes_without_gt=[c.category_id for c in per_class if np.isnan(c.ap50)],
         max_dets=max_dets,
         novel_kinds=novel_kind_means(per_class),
+        base_named_novel=base_named_novel(dataset, dets, splits),
         pr=curves,
         recall_thresholds=np.asarray(p.recThrs, dtype=float).copy(),
     )

@@ -212,6 +212,48 @@ def limit_per_image(dets: list[dict[str, Any]], max_dets: int) -> list[dict[str,
     return kept
 
 
+def base_named_novel(
+    dataset: dict[str, Any], dets: list[dict[str, Any]], splits: dict[int, str], iou: float = 0.5
+) -> float:
+    """Percent of the base ground-truth objects whose best-scoring detection at IoU >= ``iou``
+    carries a novel label (crowd boxes left out; NaN without base objects).
+
+    In the generalized setting every class of the vocabulary competes for every box. A
+    novel class's text embedding that the region embeddings drift towards -- nothing in
+    training on base boxes keeps them away from it -- wins base objects: their base label
+    survives only as a lower-scoring detection, often below the score threshold, and
+    base AP50 falls although the detector localizes and knows the base class. AP cannot
+    tell that from a detector that never learned the class; this share can.
+    """
+    by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for det in dets:
+        by_image[int(det["image_id"])].append(det)
+    base_objects = named_novel = 0
+    for ann in dataset["annotations"]:
+        if splits.get(int(ann["category_id"])) != "base" or ann.get("iscrowd", 0):
+            continue
+        base_objects += 1
+        candidates = by_image.get(int(ann["image_id"]), [])
+        if not candidates:
+            continue
+        overlaps = _iou_xywh(np.asarray(ann["bbox"], dtype=float), np.asarray([d["bbox"] for d in candidates], dtype=float))
+        hits = [d for d, o in zip(candidates, overlaps) if o >= iou]
+        if hits and splits.get(int(max(hits, key=lambda d: d["score"])["category_id"])) == "novel":
+            named_novel += 1
+    return 100.0 * named_novel / base_objects if base_objects else float("nan")
+
+
+def _iou_xywh(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """IoU of one ``[x, y, w, h]`` box with each row of ``boxes``."""
+    x1 = np.maximum(box[0], boxes[:, 0])
+    y1 = np.maximum(box[1], boxes[:, 1])
+    x2 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
+    y2 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
 def mean_valid(values: np.ndarray) -> float:
     """Mean of the entries > -1 (the evaluators' "undefined" marker), in percent; NaN if none.
 

@@ -55,6 +55,8 @@ def summary_line(metrics: Metrics) -> str:
             f"all {_fmt(metrics.ap50_all)} | AP {_fmt(metrics.ap)}"
         )
         head += "".join(f" | novel_{kind} {_fmt(value)}" for kind, value in metrics.novel_kinds.items())
+        if not math.isnan(metrics.base_named_novel):
+            head += f" | base objects named novel {_fmt(metrics.base_named_novel)}%"
     counts = {s: sum(c.split == s for c in metrics.per_class) for s in SPLITS}
     tail = f"{len(metrics.per_class)} classes ({counts['novel']} novel, {counts['base']} base), {metrics.max_dets} dets/image"
     if metrics.classes_without_gt:

@@ -17,7 +17,7 @@ def test_shapes_demo_end_to_end(tmp_path, ray_local, tiny_overrides, capsys):
     work_dir = tmp_path / "work"
     assert shapes_demo.main(["--methods", "vild-text", "--seeds", "0", f"work_dir={work_dir}", *tiny_overrides, *SHRUNK]) == 0
     out = capsys.readouterr().out
-    assert "| method | runs | AP50 novel_concept | AP50 novel_comp | AP50 novel | AP50 base | AP50 all | train min |" in out
+    assert "| method | runs | AP50 novel_concept | AP50 novel_comp | AP50 novel | AP50 base | AP50 all | base named novel % | train min |" in out
     assert "| vild-text | 1 |" in out and "MLflow:" in out and "final checkpoint" in out
     assert (work_dir / "comparison.md").read_text().count("| vild-text | 1 |") == 1
     assert (work_dir / "showcase" / "vild-text" / "detections.png").is_file()

@@ -129,7 +129,8 @@ def test_per_class_table_and_counts():
         if not math.isnan(c.ap50):
             assert 100 * m.pr[c.category_id].mean() == pytest.approx(c.ap50)
     assert np.isnan(m.pr[NO_GT_ID]).all()
-    assert m.as_dict() == {"ap50_novel": m.ap50_novel, "ap50_base": m.ap50_base, "ap50_all": m.ap50_all, "ap": m.ap}
+    assert m.as_dict() == {"ap50_novel": m.ap50_novel, "ap50_base": m.ap50_base, "ap50_all": m.ap50_all, "ap": m.ap,
+                           "base_named_novel": m.base_named_novel}
 
 
 def test_class_without_gt_is_nan_listed_and_excluded():
@@ -150,13 +151,13 @@ def test_perfect_detections_give_100():
     dets = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
             for a in gt["annotations"]]
     m = evaluate_coco_ovd(gt, dets)
-    assert m.as_dict() == {"ap50_novel": 100.0, "ap50_base": 100.0, "ap50_all": 100.0, "ap": 100.0}
+    assert m.as_dict() == {"ap50_novel": 100.0, "ap50_base": 100.0, "ap50_all": 100.0, "ap": 100.0, "base_named_novel": 0.0}
 
 
 def test_empty_results_give_zeros():
     gt = make_gt(0)
     m = evaluate_coco_ovd(gt, [])
-    assert m.as_dict() == {"ap50_novel": 0.0, "ap50_base": 0.0, "ap50_all": 0.0, "ap": 0.0}
+    assert m.as_dict() == {"ap50_novel": 0.0, "ap50_base": 0.0, "ap50_all": 0.0, "ap": 0.0, "base_named_novel": 0.0}
     assert m.classes_without_gt == [NO_GT_ID]
     assert all(c.num_dets == 0 for c in m.per_class)
 
@@ -319,4 +320,27 @@ def test_novel_kinds_are_scored_apart():
     assert m.as_dict()["ap50_novel_concept"] == by_id[sorted(NOVEL_IDS)[1]].ap50
     assert "novel_comp" in format_split_table(m).splitlines()[0]
     plain = evaluate_coco_ovd(make_gt(2), jittered_dets(make_gt(2), 5))
-    assert plain.novel_kinds == {} and set(plain.as_dict()) == {"ap50_novel", "ap50_base", "ap50_all", "ap"}
+    assert plain.novel_kinds == {} and set(plain.as_dict()) == {"ap50_novel", "ap50_base", "ap50_all", "ap", "base_named_novel"}
+
+
+def test_base_objects_a_novel_class_wins_are_counted():
+    """A novel class that outscores the base label on a base object costs base AP50 with
+    the object found; ``base_named_novel`` counts such objects among all base objects."""
+    cats = [{"id": 1, "name": "blue square", "split": "base"}, {"id": 2, "name": "blue star", "split": "novel"}]
+    images = [{"id": 1, "file_name": "1.png", "width": 100, "height": 100}]
+    boxes = [[0, 0, 20, 20], [40, 0, 20, 20], [0, 40, 20, 20], [40, 40, 20, 20]]
+    anns = [{"id": i + 1, "image_id": 1, "category_id": 1, "bbox": b, "area": 400, "iscrowd": 0} for i, b in enumerate(boxes)]
+    anns[3]["iscrowd"] = 1
+    dets = [
+        {"image_id": 1, "category_id": 2, "bbox": [1, 1, 20, 20], "score": 0.9},  # won by the novel class ...
+        {"image_id": 1, "category_id": 1, "bbox": [0, 0, 20, 20], "score": 0.2},  # ... the base label lower
+        {"image_id": 1, "category_id": 1, "bbox": [40, 0, 20, 20], "score": 0.8},  # base label best
+        {"image_id": 1, "category_id": 2, "bbox": [40, 0, 20, 20], "score": 0.3},
+        {"image_id": 1, "category_id": 2, "bbox": [10, 40, 20, 20], "score": 0.9},  # IoU 1/3: not this object's
+        {"image_id": 1, "category_id": 2, "bbox": [40, 40, 20, 20], "score": 0.9},  # on the crowd box: not counted
+    ]
+    m = evaluate_coco_ovd({"images": images, "annotations": anns, "categories": cats}, dets)
+    assert m.base_named_novel == pytest.approx(100 / 3)
+    assert m.as_dict()["base_named_novel"] == m.base_named_novel
+    assert "| AP 66.3 | base objects named novel 33.3%  [2 classes" in format_split_table(m).splitlines()[0]
+    assert evaluate_coco_ovd({"images": images, "annotations": anns, "categories": cats}, dets[1:4]).base_named_novel == 0.0
