@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 SPLITS = ("novel", "base")
 MAX_LISTED_IDS = 5
@@ -225,33 +226,26 @@ def base_named_novel(
     base AP50 falls although the detector localizes and knows the base class. AP cannot
     tell that from a detector that never learned the class; this share can.
     """
+    base_boxes: dict[int, list[list[float]]] = defaultdict(list)
+    for ann in dataset["annotations"]:
+        if splits.get(int(ann["category_id"])) == "base" and not ann.get("iscrowd", 0):
+            base_boxes[int(ann["image_id"])].append(list(ann["bbox"]))
     by_image: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for det in dets:
         by_image[int(det["image_id"])].append(det)
-    base_objects = named_novel = 0
-    for ann in dataset["annotations"]:
-        if splits.get(int(ann["category_id"])) != "base" or ann.get("iscrowd", 0):
-            continue
-        base_objects += 1
-        candidates = by_image.get(int(ann["image_id"]), [])
+    named_novel = 0
+    for image_id, gts in base_boxes.items():
+        candidates = sorted(by_image.get(image_id, []), key=lambda d: -d["score"])
         if not candidates:
             continue
-        overlaps = _iou_xywh(np.asarray(ann["bbox"], dtype=float), np.asarray([d["bbox"] for d in candidates], dtype=float))
-        hits = [d for d, o in zip(candidates, overlaps) if o >= iou]
-        if hits and splits.get(int(max(hits, key=lambda d: d["score"])["category_id"])) == "novel":
-            named_novel += 1
+        # COCOeval's own box IoU, [detections, objects], detections best first
+        boxes = np.asarray([d["bbox"] for d in candidates], dtype=float)
+        overlaps = mask_utils.iou(boxes, np.asarray(gts, dtype=float), [0] * len(gts))
+        for column in np.asarray(overlaps).T:
+            hits = np.flatnonzero(column >= iou)
+            named_novel += bool(hits.size) and splits.get(int(candidates[hits[0]]["category_id"])) == "novel"
+    base_objects = sum(len(gts) for gts in base_boxes.values())
     return 100.0 * named_novel / base_objects if base_objects else float("nan")
-
-
-def _iou_xywh(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one ``[x, y, w, h]`` box with each row of ``boxes``."""
-    x1 = np.maximum(box[0], boxes[:, 0])
-    y1 = np.maximum(box[1], boxes[:, 1])
-    x2 = np.minimum(box[0] + box[2], boxes[:, 0] + boxes[:, 2])
-    y2 = np.minimum(box[1] + box[3], boxes[:, 1] + boxes[:, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    union = box[2] * box[3] + boxes[:, 2] * boxes[:, 3] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def mean_valid(values: np.ndarray) -> float:
