@@ -474,12 +474,14 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """:func:`deep_merge` of config layers, except that a layer naming another method
-    replaces the ``method`` section: each method has its own knobs (CLIFF's experiment
-    builds on ViLD-text's schedule but has no ``temperature``)."""
+    """:func:`deep_merge` of config layers, except that a layer naming a method of another
+    config family replaces the ``method`` section: each family has its own knobs (CLIFF's
+    experiment builds on ViLD-text's schedule but has no ``temperature``). A method of the
+    same family keeps the inherited knobs (ViLD-ensemble's experiment is ViLD's with
+    another name: its distillation weight and temperature stay ViLD's)."""
     base_method, top_method = base.get("method"), top.get("method")
     if isinstance(base_method, dict) and isinstance(top_method, dict) and "name" in top_method \
-            and top_method["name"] != base_method.get("name"):
+            and _method_family(top_method) != _method_family(base_method):
         base = {k: v for k, v in base.items() if k != "method"}
     return deep_merge(base, top)
 

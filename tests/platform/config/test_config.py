@@ -210,3 +210,17 @@ def test_a_layer_naming_another_method_replaces_the_method_section():
     assert merge_layer(vild, {"method": {"temperature": 0.02}})["method"] == {"name": "vild-text", "temperature": 0.02}
     cfg, vild_text = load_config("experiments/cliff_shapes"), load_config("experiments/vild_text_shapes")
     assert cfg.method.name == "cliff" and cfg.train == vild_text.train.model_copy(update={"distill_per_image": 32})
+
+
+def test_a_layer_naming_a_method_of_the_same_family_keeps_its_knobs():
+    """ViLD-ensemble's experiment is ViLD's under another name: replacing the method section
+    there trained its image branch with distillation weight 0 (the family's default)."""
+    from ovdlab.platform.config import merge_layer
+
+    vild = {"method": {"name": "vild", "temperature": 0.06, "distill_weight": 0.5}}
+    merged = merge_layer(vild, {"method": {"name": "vild-ensemble"}})
+    assert merged["method"] == {"name": "vild-ensemble", "temperature": 0.06, "distill_weight": 0.5}
+    ensemble, vild_cfg = load_config("experiments/vild_ensemble_shapes"), load_config("experiments/vild_shapes")
+    assert ensemble.method.name == "vild-ensemble"
+    assert ensemble.method.model_dump(exclude={"name"}) == vild_cfg.method.model_dump(exclude={"name"})
+    assert ensemble.method.distill_weight == 0.5
