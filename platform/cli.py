@@ -198,6 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("embeddings", help="where a checkpoint's region embeddings of ground-truth boxes lie against every class's text")
+    p.add_argument("--checkpoint", required=True, help="checkpoint folder written by training, or its model.pt")
+    p.add_argument("--split", choices=["val", "train"], default="val", help="the checkpoint's dataset split (default val)")
+    p.add_argument("--max-images", type=int_at_least(1), default=None, help="the first N images with a box (default all)")
+    p.add_argument("--teacher", action="store_true", help="also the teacher's crop embeddings of the same boxes")
+    p.set_defaults(func=cmd_embeddings)
+
     p = sub.add_parser("extract", help="fill the region store (proposals + teacher embeddings) with Ray Data; rerun to resume")
     _config_args(p)
     p.add_argument("--split", choices=["train", "val"], default="train")
@@ -280,6 +287,18 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for det in detections:
         print(f"{det['label']:>20s} {det['score']:.3f} {det['box']}")
     print(f"{len(detections)} detection(s): {json_path}, {png_path}")
+    return 0
+
+
+def cmd_embeddings(args: argparse.Namespace) -> int:
+    from ovdlab.platform.data.catalog import load_dataset
+    from ovdlab.platform.evaluation.embedding_geometry import measure_checkpoint
+    from ovdlab.platform.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint)
+    dataset = load_dataset(predictor.cfg, args.split)
+    for source, geometry in measure_checkpoint(predictor, dataset, args.max_images, args.teacher).items():
+        print(f"{source}: {geometry.summary()}")
     return 0
 
 

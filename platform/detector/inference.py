@@ -94,6 +94,23 @@ def predict_images(
     return results
 
 
+def region_outputs(
+    model: OVDDetector, image: np.ndarray, boxes: Tensor, min_size: int, max_size: int
+) -> dict[str, Tensor]:
+    """The method head's outputs (e.g. ``embedding``) for given ``boxes`` (xyxy, original
+    pixels) of one ``H x W x 3`` uint8 image: the box head run on those boxes instead of
+    proposals, resized as in evaluation. Rows follow ``boxes``; on CPU."""
+    device = _device(model)
+    with _inference_state(model, None, None):
+        tensors, scales = _prepare([image], min_size, max_size)
+        images = model.preprocess([tensors[0].to(device)])
+        features = model.backbone(images.tensors)
+        scaled = scale_boxes(boxes.float().to(device), scales[0][0], scales[0][1])
+        heads = model.roi_heads
+        rep = heads.box_head(heads.box_pool(features, [scaled], images.image_sizes))
+        return {k: v.float().cpu() for k, v in heads.method.forward_head(heads.method_head, rep).items()}
+
+
 def propose_images(
     model: OVDDetector, images: Sequence[np.ndarray], min_size: int, max_size: int, batch_size: int = 8
 ) -> list[tuple[Tensor, Tensor]]:

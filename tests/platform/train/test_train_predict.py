@@ -132,6 +132,25 @@ def test_evaluation_skips_and_names_an_undecodable_image(trained, tmp_path):
     assert {r["image_id"] for r in results} <= set(val.image_ids)
 
 
+def test_embedding_geometry_of_a_checkpoint_on_ground_truth_boxes(trained, capsys):
+    """``ovdlab embeddings``: the detector's region embeddings and the teacher's crop
+    embeddings of every ground-truth box of the first images, one line each."""
+    from ovdlab.platform.evaluation.embedding_geometry import measure_checkpoint
+
+    cfg, checkpoint, _ = trained
+    val = load_dataset(cfg, "val")
+    first = [i for i in val.image_ids if val.annotations(i)][:2]
+    objects = sum(1 for i in first for a in val.annotations(i) if not a.get("iscrowd"))
+    measured = measure_checkpoint(Predictor.from_checkpoint(checkpoint, device="cpu"), val, max_images=2, teacher=True)
+    assert set(measured) == {"detector", "teacher"}
+    for geometry in measured.values():
+        assert geometry.objects == objects and 0.0 <= geometry.shared_length <= 1.0 + 1e-6
+        assert 0.0 <= geometry.base_named_novel <= 100.0 - geometry.base_right + 1e-6
+    assert main(["embeddings", "--checkpoint", str(checkpoint), "--max-images", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("detector: ") and f"{objects} objects" in out and "teacher" not in out
+
+
 def test_showcase_draws_an_image_with_a_base_object_and_a_held_out_concept(trained, tmp_path):
     cfg, checkpoint, _ = trained
     val = load_dataset(cfg, "val")
