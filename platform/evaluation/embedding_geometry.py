@@ -23,7 +23,7 @@ for the teacher's own crop embeddings of the same boxes); ``docs/benchmarks.md``
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +34,7 @@ from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.data.images import ImageDecodeError, load_image
 from ovdlab.platform.detector.inference import region_outputs
 from ovdlab.platform.predict import Predictor
-from ovdlab.platform.teacher.regions import embed_regions, image_tensor
+from ovdlab.platform.teacher.regions import embed_regions
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,6 @@ class EmbeddingGeometry:
     base_named_novel_without_shared: float
     novel_nearest_shared: str
     novel_nearest_shared_cos: float
-
-    def as_dict(self) -> dict[str, float | int | str]:
-        return asdict(self)
 
     def summary(self) -> str:
         return (
@@ -116,15 +113,15 @@ def ground_truth_embeddings(
     a warning naming them."""
     index = {cat_id: i for i, cat_id in enumerate(dataset.category_ids)}
     cfg = predictor.cfg
-    student, teacher_rows, labels, skipped = [], [], [], []
-    image_ids = [i for i in dataset.image_ids if any(not a.get("iscrowd") for a in dataset.annotations(i))]
-    for image_id in tqdm(image_ids[:max_images], desc="embed ground truth", unit="image", leave=False):
-        anns = [a for a in dataset.annotations(image_id) if not a.get("iscrowd")]
-        path = dataset.image_path(image_id)
+    objects = {i: [a for a in dataset.annotations(i) if not a.get("iscrowd")] for i in dataset.image_ids}
+    image_ids = [i for i, anns in objects.items() if anns][:max_images]
+    student, teacher_rows, labels, skipped = [], [], [], 0
+    for image_id in tqdm(image_ids, desc="embed ground truth", unit="image", leave=False):
+        anns, path = objects[image_id], dataset.image_path(image_id)
         try:
             image = load_image(path)
         except ImageDecodeError as err:
-            skipped.append(str(path))
+            skipped += 1
             log.warning("skipped %s: %s", path, err)
             continue
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in anns)], dtype=torch.float32)
@@ -133,10 +130,11 @@ def ground_truth_embeddings(
             raise ValueError(f"method {cfg.method.name} has no region embedding to measure")
         student.append(out["embedding"])
         if teacher:
-            teacher_rows.append(embed_regions(predictor.teacher, [image_tensor(path)], [boxes], cfg.store.crop, 256)[0])
+            pixels = torch.from_numpy(image).permute(2, 0, 1).contiguous()  # the decoded image, uint8 [3, H, W]
+            teacher_rows.append(embed_regions(predictor.teacher, [pixels], [boxes], cfg.store.crop, 256)[0])
         labels += [index[a["category_id"]] for a in anns]
     if skipped:
-        log.warning("%d image(s) could not be decoded and were skipped", len(skipped))
+        log.warning("%d image(s) could not be decoded and were skipped", skipped)
     if not student:
         raise ValueError(f"{dataset.ann_json}: no decodable image with a ground-truth box")
     return torch.cat(student), torch.tensor(labels), (torch.cat(teacher_rows) if teacher else None)

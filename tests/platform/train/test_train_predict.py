@@ -139,8 +139,8 @@ def test_embedding_geometry_of_a_checkpoint_on_ground_truth_boxes(trained, capsy
 
     cfg, checkpoint, _ = trained
     val = load_dataset(cfg, "val")
-    first = [i for i in val.image_ids if val.annotations(i)][:2]
-    objects = sum(1 for i in first for a in val.annotations(i) if not a.get("iscrowd"))
+    boxes = [[a for a in val.annotations(i) if not a.get("iscrowd")] for i in val.image_ids]
+    objects = sum(len(b) for b in [b for b in boxes if b][:2])
     measured = measure_checkpoint(Predictor.from_checkpoint(checkpoint, device="cpu"), val, max_images=2, teacher=True)
     assert set(measured) == {"detector", "teacher"}
     for geometry in measured.values():
