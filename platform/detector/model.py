@@ -22,11 +22,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead, concat_box_prediction_layers
-from torchvision.ops import MultiScaleRoIAlign
 
 from ovdlab.methods.base import Method, Vocabulary
 from ovdlab.platform.config import EvalConfig, ModelConfig
 from ovdlab.platform.detector.backbone import Backbone, build_backbone
+from ovdlab.platform.detector.roi_align import GatherMultiScaleRoIAlign
 from ovdlab.platform.detector.roi_heads import C4RoIPool, OVDRoIHeads
 
 # ImageNet statistics of torchvision's ResNets (images in 0..1).
@@ -212,7 +212,7 @@ def build_detector(
     if model_cfg.neck == "fpn":
         sizes = tuple((size,) for size in model_cfg.anchor_sizes)
         anchors = AnchorGenerator(sizes, (ratios,) * len(sizes))
-        box_pool: nn.Module = MultiScaleRoIAlign(backbone.feature_names, output_size=7, sampling_ratio=2)
+        box_pool: nn.Module = GatherMultiScaleRoIAlign(backbone.feature_names, output_size=7, sampling_ratio=2)
         box_head: nn.Module = TwoMLPHead(backbone.out_channels * 7 * 7, model_cfg.representation_size)
         representation = model_cfg.representation_size
     else:
