@@ -204,7 +204,8 @@ class CLIFF(Method):
 
 def phase_lengths(total: int, split: list[float]) -> tuple[int, int, int]:
     """``total`` steps shared by the phases in proportion to ``split``, at least one each
-    (570k = 90k + 360k + 120k for the paper's 3 : 12 : 4)."""
+    (570k = 90k + 360k + 120k for the paper's 3 : 12 : 4); the last phase takes what the
+    rounding of the first two left, so that they add up to ``total``."""
     weight = sum(split)
-    first, second, third = (max(1, round(total * part / weight)) for part in split)
-    return first, second, third
+    first, second = (max(1, round(total * part / weight)) for part in split[:2])
+    return first, second, max(1, total - first - second)

@@ -102,6 +102,13 @@ def test_bench_train_from_a_fresh_clone(clone, tiny_overrides):
     assert re.search(r"2\. data wait fraction under TorchTrainer = \d+\.\d+%", out)
 
 
+def test_bench_roi_align_from_a_fresh_clone(clone):
+    out = run_as_user([PYTHON, "jobs/bench_roi_align.py", "--steps", "2", "--rounds", "1"], clone)
+    assert re.search(r"1\. step time torchvision / gather = \d+\.\d+x, median of 1 rounds", out), out[-4000:]
+    match = re.search(r"largest difference: output (\S+), feature gradient (\S+)", out)
+    assert match and max(float(match[1]), float(match[2])) < 1e-3, out[-4000:]
+
+
 def _free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

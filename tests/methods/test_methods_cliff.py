@@ -183,6 +183,7 @@ def test_phase_lengths_share_the_budget():
     assert phase_lengths(4, [3, 12, 4]) == (1, 3, 1)
     assert phase_lengths(350, [3, 12, 4]) == (55, 221, 74)
     assert phase_lengths(560, [3, 12, 4]) == (88, 354, 118)
+    assert phase_lengths(720, [3, 12, 4]) == (114, 455, 151)  # rounded alone, 152: 721 steps
 
 
 def test_over_seeds_reports_mean_and_spread():
