@@ -2,8 +2,9 @@
 
 torchvision's CPU ``roi_align`` backward is a serial scatter, one multiply-add per
 channel, bin, sample and bilinear corner: in a shapes training step (R18-FPN, 128 px,
-batch 8, 64 RoIs per image) it took 28% of the step on 2 cores, more than every
-convolution's backward together (``jobs/bench_train.py`` prints the step's split).
+batch 8, 64 RoIs per image) it took 28% of the step on 2 cores in a ``torch.profiler``
+run, more than every convolution's backward together. ``jobs/bench_roi_align.py`` times
+that step with either pooler.
 
 The same values come from a gather: every output bin is a weighted sum of at most
 ``4 * sampling_ratio**2`` feature-map cells, the bilinear corners of its samples. With
