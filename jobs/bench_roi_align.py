@@ -31,12 +31,12 @@ from torch import Tensor, nn
 from torchvision.ops import MultiScaleRoIAlign
 
 from ovdlab.methods.base import Vocabulary
-from ovdlab.methods.registry import build_method
 from ovdlab.platform.cli import run_reporting_errors
 from ovdlab.platform.config import load_config
-from ovdlab.platform.detector.model import OVDDetector, build_detector
+from ovdlab.platform.detector.model import OVDDetector
 from ovdlab.platform.detector.roi_align import GatherMultiScaleRoIAlign
-from ovdlab.platform.train.loop import autocast_dtype
+from ovdlab.platform.train.loop import autocast_dtype, build_model, total_loss
+from ovdlab.platform.train.schedule import build_optimizer
 
 CONFIG = "experiments/vild_text_shapes"
 STEPS = 12
@@ -63,11 +63,13 @@ def random_batch(batch_size: int, size: int, generator: torch.Generator) -> Batc
 
 
 def build(threads: int) -> tuple[OVDDetector, torch.optim.Optimizer, torch.dtype | None, int, int]:
-    """The shapes detector (random weights), its optimizer, autocast type, batch and image size."""
+    """The shapes detector (random weights) and its optimizer as the training loop builds them
+    (``build_model``, ``build_optimizer``: fused AdamW, no decay on 1-d parameters), its
+    autocast type, batch and image size."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = load_config(CONFIG, ["model.backbone_weights=null"])
-    model = build_detector(cfg.model, build_method(cfg.method), EMBED_DIM)
+    model = build_model(cfg, EMBED_DIM)
     texts = nn.functional.normalize(torch.randn(BASE_CLASSES, EMBED_DIM), dim=1)
     model.set_vocabulary(Vocabulary(texts, torch.zeros(BASE_CLASSES, dtype=torch.bool),
                                     tuple(f"class {i}" for i in range(BASE_CLASSES))))
@@ -75,7 +77,7 @@ def build(threads: int) -> tuple[OVDDetector, torch.optim.Optimizer, torch.dtype
     if amp == torch.bfloat16:
         model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr)
+    optimizer = build_optimizer(model, cfg.train)
     return model, optimizer, amp, cfg.train.batch_size, cfg.model.min_size
 
 
@@ -87,7 +89,7 @@ def step_seconds(model: OVDDetector, optimizer: torch.optim.Optimizer, amp: torc
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             losses = model(images, targets)
-        loss = sum(v for k, v in losses.items() if k.startswith("loss"))
+        loss = total_loss(losses)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -142,6 +144,8 @@ def main(argv: list[str]) -> int:
     opts = parse_args(argv)
     model, optimizer, amp, batch_size, size = build(opts.threads)
     gather = model.roi_heads.box_pool
+    if not isinstance(gather, GatherMultiScaleRoIAlign):
+        raise TypeError(f"the shapes detector pools with {type(gather).__name__}, not the gather this benchmark measures")
     names = list(gather.featmap_names)
     poolers = {"torchvision": MultiScaleRoIAlign(names, 7, 2), "gather": gather}
     generator = torch.Generator().manual_seed(0)
