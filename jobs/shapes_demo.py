@@ -28,7 +28,7 @@ Rows (configs/experiments/<method>_shapes.yaml):
   base boxes distilled with the teacher's confidence as weights, a learnable temperature
   and class-conditioned box regression; ``ezsd-rpn-proposals`` distills ViLD's RPN
   proposals instead, ``ezsd-untuned-teacher`` skips the tuning (the paper's ablations);
-- ``cliff``: a ResNet-18 C4 detector whose object feature is diffused (10 cosine-schedule
+- ``cliff``: the rows' ResNet-18 FPN detector whose object feature is diffused (10 cosine-schedule
   steps from its own VAE sample) to the teacher's image space, learned on ViLD's RPN
   proposals, and on to its text space, where cosines to the class names classify; three
   phases in ViLD-text's budget, each run's metrics the mean over 3 sampling seeds;
