@@ -68,7 +68,8 @@ def build(threads: int) -> tuple[OVDDetector, torch.optim.Optimizer, torch.dtype
     autocast type, batch and image size."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_config(CONFIG, ["model.backbone_weights=null"])
+    # No teacher here (random text embeddings): a fixed temperature, which step time does not depend on.
+    cfg = load_config(CONFIG, ["model.backbone_weights=null", "method.temperature=0.06"])
     model = build_model(cfg, EMBED_DIM)
     texts = nn.functional.normalize(torch.randn(BASE_CLASSES, EMBED_DIM), dim=1)
     model.set_vocabulary(Vocabulary(texts, torch.zeros(BASE_CLASSES, dtype=torch.bool),

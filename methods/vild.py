@@ -6,7 +6,8 @@ Equations of the paper, with ``e_r`` the region embedding of RoI ``r``:
 - ViLD-text (Sec. 3.3, Eq. 1): ``e_r = normalize(W h_r)`` (box-head feature ``h_r``
   projected to the text dimension), ``z(r) = [sim(e_r, e_bg), sim(e_r, t_1), ...,
   sim(e_r, t_|C_B|)]`` with cosine ``sim`` and a learned background embedding
-  ``e_bg``, ``L_text = 1/N sum_r CE(softmax(z(r) / tau), y_r)``, ``tau = 0.01``.
+  ``e_bg``, ``L_text = 1/N sum_r CE(softmax(z(r) / tau), y_r)``, ``tau = 0.01`` -- CLIP's
+  1 / 100; here ``tau`` is the teacher's, ``1 / logit_scale`` (``method.temperature``).
 - ViLD-image (Sec. 3.4, Eq. 2): ``L_image = 1/M sum_{r~} || V(crop(I, r~)) - e_r~ ||_1``
   over the M pre-computed proposals ``r~`` of the batch, ``V`` the CLIP image
   encoder (its normalized embeddings come from the region store).
@@ -38,8 +39,11 @@ class ViLDHead(nn.Module):
     persistent buffer otherwise, so a checkpoint always records the temperature used.
     """
 
-    def __init__(self, in_features: int, embed_dim: int, temperature: float, learn_temperature: bool) -> None:
+    def __init__(self, in_features: int, embed_dim: int, temperature: float | None, learn_temperature: bool) -> None:
         super().__init__()
+        if temperature is None:
+            raise ValueError("method.temperature is unset (the teacher's): calibrate the config with the teacher's "
+                             "logit scale first (ovdlab.platform.config.calibrate), or set a number")
         self.projection = nn.Linear(in_features, embed_dim)
         self.background = nn.Parameter(torch.randn(embed_dim) * embed_dim**-0.5)
         scale = torch.tensor(math.log(1.0 / temperature))
@@ -149,7 +153,7 @@ class ViLD(ViLDText):
 class ViLDEnsembleHead(ViLDHead):
     """:class:`ViLDHead` plus a separate image branch: ``image_embedding = normalize(W' h_r)``."""
 
-    def __init__(self, in_features: int, embed_dim: int, temperature: float, learn_temperature: bool) -> None:
+    def __init__(self, in_features: int, embed_dim: int, temperature: float | None, learn_temperature: bool) -> None:
         super().__init__(in_features, embed_dim, temperature, learn_temperature)
         self.image_projection = nn.Linear(in_features, embed_dim)
 

@@ -16,7 +16,9 @@ from typing import Callable
 
 from pydantic import BaseModel
 
-from ovdlab.platform.config import ConfigError, ExperimentConfig, ShapesConfig, dump_yaml, load_config
+from ovdlab.platform.config import (
+    ConfigError, ExperimentConfig, ShapesConfig, dump_yaml, load_config, load_layered, parse_override, uncalibrated,
+)
 
 log = logging.getLogger("ovdlab")
 
@@ -66,8 +68,17 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    """The resolved config, where each ``method`` key came from, and its content hash."""
     cfg = _load(args)
     print(dump_yaml(cfg), end="")
+    origins = load_layered(args.config).origins
+    overridden = {".".join(parse_override(text)[0]) for text in args.overrides}
+    for key in cfg.method.model_fields:
+        dotted = f"method.{key}"
+        where = "command line" if dotted in overridden else origins.get(dotted, "the method's default")
+        if key in uncalibrated(cfg.method):
+            where += " (set from the teacher's logit scale when a stage loads the teacher)"
+        print(f"# {dotted}: {where}")
     print(f"# content hash: {cfg.content_hash()}")
     return 0
 

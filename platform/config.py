@@ -22,8 +22,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -155,29 +156,65 @@ class ModelConfig(Section):
     embed_dim: int | None = None
 
 
-class ViLDConfig(Section):
-    """ViLD-text, ViLD and ViLD-ensemble (``methods/vild.py``): softmax temperature and the
-    weight of the image distillation (summed L1, Eq. 3)."""
+TEACHER_SCALE = "the teacher's logit scale"
 
+
+class MethodSection(Section):
+    """Base of a method family's config section.
+
+    ``teacher_calibrated`` maps a knob that is a *calibration* -- a temperature or a logit
+    scale, a property of the teacher's embedding space rather than of the method -- to
+    how its value follows from the teacher's learned logit scale ``s`` (open_clip's
+    ``logit_scale.exp()``: 100 for CLIP ViT-B/32, about 16.8 for ``shapes-tiny``). Such a
+    knob defaults to None, "the teacher's", and :func:`calibrate` fills it in on the
+    driver once the teacher is loaded, before any worker builds a head; the resolved
+    number is then part of the config every run logs. An explicit number stays possible.
+    """
+
+    teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {}
+
+
+def _inverse_scale(scale: float) -> float:
+    return 1.0 / scale
+
+
+CLIFF_SCALE_RATIO = 0.5
+"""CLIFF's cosine logit scale relative to its teacher's: the reference's ``NORM_TEMP = 50.0``
+(CUHK-AIM-Group/CLIFF ``ovd/config.py``) under CLIP ViT-B/32, whose logit scale is 100."""
+
+
+def _half_scale(scale: float) -> float:
+    return CLIFF_SCALE_RATIO * scale
+
+
+class ViLDConfig(MethodSection):
+    """ViLD-text, ViLD and ViLD-ensemble (``methods/vild.py``): softmax temperature and the
+    weight of the image distillation (summed L1, Eq. 3).
+
+    ``temperature`` None: ``1 / s``, the teacher's (ViLD's 0.01 is CLIP's 1/100)."""
+
+    teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {"temperature": _inverse_scale}
     name: Literal["vild-text", "vild", "vild-ensemble"] = "vild-text"
-    temperature: float = Field(0.01, gt=0)
+    temperature: float | None = Field(None, gt=0, description=f"None: 1 / {TEACHER_SCALE}")
     distill_weight: float = Field(0.0, ge=0)
     learn_temperature: bool = False
 
 
-class LPOVODConfig(Section):
+class LPOVODConfig(MethodSection):
     """LP-OVOD (``methods/lp_ovod.py``, Pham et al. WACV 2024).
 
     ``distill_weight`` multiplies the element-wise mean L1 between the image branch and
     the teacher (mmdet's ``L1Loss(loss_weight=256)``; 256 / D times ViLD's summed form).
-    ``temperature`` is that of the image branch's softmax at test time. ``focal_gamma`` /
+    ``temperature`` is that of the image branch's softmax at test time (None: ``1 / s``,
+    the teacher's; the reference's 0.01 is CLIP's). ``focal_gamma`` /
     ``focal_alpha``: the sigmoid focal loss of the prototype logits. ``retrieval_k`` /
     ``objectness_floor``: the retrieval stage keeps the top K training proposals per
     novel class among those with objectness >= the floor, the pseudo-labels of the probe.
     """
 
+    teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {"temperature": _inverse_scale}
     name: Literal["lp-ovod"] = "lp-ovod"
-    temperature: float = Field(0.01, gt=0)
+    temperature: float | None = Field(None, gt=0, description=f"None: 1 / {TEACHER_SCALE}")
     distill_weight: float = Field(256.0, ge=0)
     focal_gamma: float = Field(2.0, ge=0)
     focal_alpha: float = Field(0.25, ge=0, le=1)
@@ -185,27 +222,30 @@ class LPOVODConfig(Section):
     objectness_floor: float = Field(0.6, ge=0, le=1)
 
 
-class EZSDConfig(Section):
+class EZSDConfig(MethodSection):
     """EZSD (``methods/ezsd.py``, Liu, Hu & Nevatia 2023).
 
-    ``temperature``: the initial softmax temperature, learned (``learn_temperature``;
-    the paper's logit scale starts at 100). ``distill_weight``: the distillation factor
-    (1.0 COCO, 0.5 LVIS) multiplying ``512 x`` the confidence-weighted, element-wise
-    mean L1 between region and teacher embeddings.
+    ``temperature``: the initial softmax temperature, learned (``learn_temperature``);
+    None: ``1 / s``, the teacher's (the reference initialises CLIP's logit scale, 100).
+    ``distill_weight``: the distillation factor (1.0 COCO, 0.5 LVIS) multiplying
+    ``512 x`` the confidence-weighted, element-wise mean L1 between region and teacher
+    embeddings.
     """
 
+    teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {"temperature": _inverse_scale}
     name: Literal["ezsd"] = "ezsd"
-    temperature: float = Field(0.01, gt=0)
+    temperature: float | None = Field(None, gt=0, description=f"None: 1 / {TEACHER_SCALE}")
     learn_temperature: bool = True
     distill_weight: float = Field(1.0, ge=0)
 
 
-class CLIFFConfig(Section):
+class CLIFFConfig(MethodSection):
     """CLIFF (``methods/cliff/``, Li et al. 2024): the object feature diffused to CLIP spaces.
 
     ``diffusion_steps``: T of the cosine schedule (``cosine_s``); ``image_steps`` of the
     reverse steps take the object to CLIP image space (the first ``T - 1 .. T - image_steps``).
-    ``logit_scale``: the cosine logits' scale. Loss weights: ``kl_weight`` (the VAE layer's
+    ``logit_scale``: the cosine logits' scale (None: half the teacher's, as the reference's
+    50 is half of CLIP's 100; on shapes-tiny about 8.4). Loss weights: ``kl_weight`` (the VAE layer's
     KL), ``rec_weight`` (the image chain's L1 to the teacher's embeddings of the stored
     class-agnostic proposals), ``gen_weight`` (the noise-prediction L1 at a random step).
     ``image_chain``: whether the condition of the text generation is gated by the generated
@@ -214,11 +254,12 @@ class CLIFFConfig(Section):
     ``final_lr_factor``: the last phase's LR relative to ``train.lr``.
     """
 
+    teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {"logit_scale": _half_scale}
     name: Literal["cliff"] = "cliff"
     diffusion_steps: int = Field(10, ge=2)
     image_steps: int = Field(3, ge=1)
     cosine_s: float = Field(0.008, gt=0)
-    logit_scale: float = Field(50.0, gt=0)
+    logit_scale: float | None = Field(None, gt=0, description=f"None: {CLIFF_SCALE_RATIO} x {TEACHER_SCALE}")
     kl_weight: float = Field(1.0, ge=0)
     rec_weight: float = Field(1.0, ge=0)
     gen_weight: float = Field(1.0, ge=0)
@@ -235,7 +276,7 @@ class CLIFFConfig(Section):
         return self
 
 
-METHOD_CONFIGS: tuple[type[Section], ...] = (ViLDConfig, LPOVODConfig, EZSDConfig, CLIFFConfig)
+METHOD_CONFIGS: tuple[type[MethodSection], ...] = (ViLDConfig, LPOVODConfig, EZSDConfig, CLIFFConfig)
 """One config class per method family; its ``name`` Literal lists the methods it configures."""
 
 
@@ -409,6 +450,28 @@ class ExperimentConfig(Section):
         return content_key(self.model_dump(mode="json"))
 
 
+def uncalibrated(method: MethodSection) -> list[str]:
+    """The method's teacher-calibrated knobs still unset (None: "the teacher's")."""
+    return [key for key in method.teacher_calibrated if getattr(method, key) is None]
+
+
+def calibrate(cfg: ExperimentConfig, teacher_logit_scale: float) -> ExperimentConfig:
+    """``cfg`` with every teacher-calibrated method knob left None set from the teacher's
+    learned logit scale (:class:`MethodSection`); explicit values are kept.
+
+    Runs on the driver once the teacher is loaded (``prepare_training``), so the workers,
+    the checkpoint's ``config.yaml`` and the run's logged params all carry the number.
+    """
+    scale = float(teacher_logit_scale)
+    if not scale > 0 or scale != scale or scale == float("inf"):
+        raise ConfigError(f"the teacher's logit scale must be a positive finite number, got {teacher_logit_scale!r}")
+    method = cfg.method
+    updates = {key: method.teacher_calibrated[key](scale) for key in uncalibrated(method)}
+    if not updates:
+        return cfg
+    return cfg.model_copy(update={"method": method.model_copy(update=updates)})
+
+
 def content_key(*parts: Any) -> str:
     """Hash of JSON-serialisable parts; identical inputs give identical keys."""
     blob = json.dumps(parts, sort_keys=True, separators=(",", ":"), default=str)
@@ -451,8 +514,36 @@ def config_file(name: str | Path) -> Path:
     return _resolve_config_path(name, CONFIGS_DIR)
 
 
-def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a YAML config with its ``defaults`` merged in, not yet validated."""
+METHOD_DEFAULTS_DIR = CONFIGS_DIR / "methods"
+"""Layers here hold a method family's defaults: a later layer naming another family
+replaces them. A method key written anywhere else is the user's and is never dropped."""
+
+
+@dataclass
+class Layered:
+    """A composed raw config with where each leaf key came from.
+
+    ``origins``: dotted key -> the file that wrote its value. ``dropped``: user-written
+    ``method`` keys that a layer naming another method family would discard, by key ->
+    ``(value, origin, the file that switched)``; composing fails if any is not written
+    again by a later layer (:func:`load_layered`).
+    """
+
+    data: dict[str, Any] = field(default_factory=dict)
+    origins: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, tuple[Any, str, str]] = field(default_factory=dict)
+
+
+def _layer_file(full: Path) -> str:
+    try:
+        return str(full.relative_to(CONFIGS_DIR.parent))
+    except ValueError:
+        return str(full)
+
+
+def load_layered(path: str | Path, _seen: tuple[Path, ...] = ()) -> Layered:
+    """A YAML config with its ``defaults`` merged in and the origin of every key, not yet
+    validated; refuses a composition that would drop a user's ``method`` setting."""
     full = _resolve_config_path(path, CONFIGS_DIR)
     if full in _seen:
         raise ConfigError(f"config defaults form a cycle: {' -> '.join(map(str, _seen + (full,)))}")
@@ -467,10 +558,49 @@ def load_raw(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(
             f"{full}: defaults must be a list of config names, e.g. [datasets/shapes, methods/vild], got {defaults!r}"
         )
-    merged: dict[str, Any] = {}
+    merged = Layered()
     for item in defaults:
-        merged = merge_layer(merged, load_raw(item, _seen + (full,)))
-    return merge_layer(merged, data)
+        layer = load_layered(item, _seen + (full,))
+        merged = _merge_layered(merged, layer, switcher=_layer_file(_resolve_config_path(item, CONFIGS_DIR)))
+    own = Layered(data, {key: _layer_file(full) for key in flatten(data)})
+    merged = _merge_layered(merged, own, switcher=_layer_file(full))
+    if not _seen and merged.dropped:
+        raise ConfigError(_dropped_message(_layer_file(full), merged.dropped))
+    return merged
+
+
+def _dropped_message(top: str, dropped: dict[str, tuple[Any, str, str]]) -> str:
+    lines = [f"method.{key}={value!r} (written in {origin}) is dropped by {switcher}, which names another "
+             f"method family" for key, (value, origin, switcher) in dropped.items()]
+    return (f"{top}: a config layer would silently drop a setting:\n  " + "\n  ".join(lines)
+            + "\n  write it again after the switch (in the experiment file), or remove it from the base layer")
+
+
+def _merge_layered(base: Layered, top: Layered, switcher: str) -> Layered:
+    """:func:`merge_layer` with origins: a ``method`` key a user wrote in ``base`` that a
+    family switch discards is recorded in ``dropped`` unless ``top`` writes it again;
+    keys from ``configs/methods/`` (family defaults) are replaced silently."""
+    dropped = {k: v for k, v in base.dropped.items() if f"method.{k}" not in top.origins}
+    base_method, top_method = base.data.get("method"), top.data.get("method")
+    origins = dict(base.origins)
+    if _switches_family(base_method, top_method):
+        for key, value in base_method.items():
+            origin = base.origins.get(f"method.{key}", "")
+            if key != "name" and key not in top_method and not origin.startswith(_layer_file(METHOD_DEFAULTS_DIR) + "/"):
+                dropped[key] = (value, origin, switcher)
+        origins = {k: v for k, v in origins.items() if not k.startswith("method.")}
+    origins.update(top.origins)
+    return Layered(merge_layer(base.data, top.data), origins, dropped)
+
+
+def load_raw(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config with its ``defaults`` merged in, not yet validated."""
+    return load_layered(path).data
+
+
+def _switches_family(base_method: Any, top_method: Any) -> bool:
+    return (isinstance(base_method, dict) and isinstance(top_method, dict) and "name" in top_method
+            and _method_family(top_method) != _method_family(base_method))
 
 
 def merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -478,10 +608,9 @@ def merge_layer(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     config family replaces the ``method`` section: each family has its own knobs (CLIFF's
     experiment builds on ViLD-text's schedule but has no ``temperature``). A method of the
     same family keeps the inherited knobs (ViLD-ensemble's experiment is ViLD's with
-    another name: its distillation weight and temperature stay ViLD's)."""
-    base_method, top_method = base.get("method"), top.get("method")
-    if isinstance(base_method, dict) and isinstance(top_method, dict) and "name" in top_method \
-            and _method_family(top_method) != _method_family(base_method):
+    another name: its distillation weight stays ViLD's). :func:`load_layered` refuses a
+    switch that would discard a key the user wrote outside ``configs/methods/``."""
+    if _switches_family(base.get("method"), top.get("method")):
         base = {k: v for k, v in base.items() if k != "method"}
     return deep_merge(base, top)
 

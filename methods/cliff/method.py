@@ -80,6 +80,9 @@ class CLIFF(Method):
         return self.cfg.image_chain and self.cfg.rec_weight > 0
 
     def build_head(self, in_features: int, embed_dim: int, classes: Vocabulary | None = None) -> CLIFFHead:
+        if self.cfg.logit_scale is None:
+            raise ValueError("method.logit_scale is unset (half the teacher's): calibrate the config with the teacher's "
+                             "logit scale first (ovdlab.platform.config.calibrate), or set a number")
         return CLIFFHead(in_features, embed_dim, self.cfg.diffusion_steps, self.cfg.cosine_s)
 
     # -------------------------------------------------------------- the chain

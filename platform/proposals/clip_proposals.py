@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
 MIN_ANCHOR_SIDE = 2.0
 """Clipped anchors thinner than this (pixels) are dropped: a crop of a sliver says nothing."""
-MAX_LOGIT_SCALE = 100.0
-"""CLIP clamps its learned temperature at 100 (open_clip ``logit_scale`` is its log)."""
 CONFIDENCE = "confidence"
 
 
@@ -230,9 +228,7 @@ class ClipProposalSource:
         teacher, text = self._ready()
         tensor = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1)
         emb = embed_regions(teacher, [tensor], [torch.from_numpy(boxes)], self.crop, teacher.batch_size)[0]
-        scale = getattr(teacher.model, "logit_scale", None)
-        temperature = float(scale.exp().clamp(max=MAX_LOGIT_SCALE)) if scale is not None else MAX_LOGIT_SCALE
-        return torch.softmax(temperature * emb.float() @ text.T, dim=1)
+        return torch.softmax(teacher.logit_scale * emb.float() @ text.T, dim=1)
 
     def propose(self, image: np.ndarray, image_id: int, annotations: list[dict[str, Any]]) -> Proposals:
         height, width = image.shape[:2]

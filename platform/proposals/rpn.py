@@ -87,7 +87,12 @@ class RPNProposalSource:
             from ovdlab.platform.detector.model import build_detector
             from ovdlab.platform.train.checkpoint import load_weights
 
-            model = build_detector(self.model_cfg, build_method(self.method_cfg), self.embed_dim)
+            from ovdlab.platform.config import uncalibrated
+
+            # Only the proposer's weights load; the classifier head is built but never used,
+            # so a calibration left to the teacher (a bare state-dict's config) gets a placeholder.
+            placeholder = {key: 1.0 for key in uncalibrated(self.method_cfg)}
+            model = build_detector(self.model_cfg, build_method(self.method_cfg.model_copy(update=placeholder)), self.embed_dim)
             state = load_weights(self.checkpoint)
             if not isinstance(state, dict):
                 raise ValueError(f"{self.checkpoint}: expected a state dict, got {type(state).__name__}")

@@ -35,7 +35,6 @@ from ovdlab.platform.teacher.regions import crop_regions, image_tensor
 
 log = logging.getLogger(__name__)
 
-LOGIT_SCALE = 100.0
 CROP = "1.2x-square"
 DEFAULTS: dict[str, Any] = {
     "epochs": 12,
@@ -66,7 +65,7 @@ def ln_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def ln_checkpoint_path(teacher: Teacher, dataset: OVDDataset, work_dir: Path, **params: Any) -> Path:
     """``work_dir/teachers/<teacher>-ln-<key>.pt``; the key covers base weights, data and schedule."""
     merged = {**DEFAULTS, **params}
-    key = content_key("ln-tuning", teacher.digest, file_digest(dataset.ann_json), merged)
+    key = content_key("ln-tuning", teacher.digest, file_digest(dataset.ann_json), merged, teacher.logit_scale)
     return teachers_dir(work_dir) / f"{safe_name(teacher.teacher_id)}-ln-{key}.pt"
 
 
@@ -133,6 +132,7 @@ def tune_layernorm(
     optimizer = torch.optim.AdamW([p for _, p in params], lr=lr, weight_decay=wd)
     tokens = teacher.tokenizer([class_prompts(n, "photo")[0] for n in names]).to(teacher.device)
     gen = torch.Generator().manual_seed(seed)
+    scale = teacher.logit_scale  # the reference's 100 is CLIP's; calibration comes from the teacher
     model.train()
     start = time.time()
     steps, last = 0, float("nan")
@@ -141,7 +141,7 @@ def tune_layernorm(
         for crops, labels in _batches(teacher, dataset, image_ids, index, batch_size, gen):
             region = F.normalize(model.encode_image(crops.to(teacher.device)), dim=-1)
             text = F.normalize(model.encode_text(tokens), dim=-1)
-            logits = LOGIT_SCALE * region @ text.T
+            logits = scale * region @ text.T
             target = F.one_hot(labels.to(teacher.device), len(names)).float()
             loss = F.binary_cross_entropy_with_logits(logits, target)
             optimizer.zero_grad(set_to_none=True)
@@ -163,7 +163,7 @@ def tune_layernorm(
         "dataset": str(dataset.ann_json),
         "base_classes": names,
         "params": {"epochs": epochs, "lr": lr, "weight_decay": wd, "grad_clip": grad_clip,
-                   "batch_size": batch_size, "seed": seed, "crop": CROP, "logit_scale": LOGIT_SCALE},
+                   "batch_size": batch_size, "seed": seed, "crop": CROP, "logit_scale": scale},
         "trainable": [n for n, _ in params],
         "steps": steps,
         "final_loss": last,

@@ -53,6 +53,8 @@ TINY_MODEL = "shapes-tiny"
 RANDOM_TAG = "random"
 TEACHERS_SUBDIR = "teachers"
 RANDOM_INIT_SEED = 0
+MAX_LOGIT_SCALE = 100.0
+"""CLIP clamps its learned logit scale at 100 (open_clip stores its log)."""
 # ``shapes-tiny-<12 hex key>.pt``; the pattern excludes ``shapes-tiny-ln-*`` (LN-tuned copies).
 TINY_CHECKPOINT_GLOB = f"{TINY_MODEL}-" + "[0-9a-f]" * 12 + ".pt"
 
@@ -120,6 +122,18 @@ class Teacher:
         if not out:
             return torch.zeros(0, self.embed_dim)
         return torch.cat(out)
+
+    @property
+    def logit_scale(self) -> float:
+        """The teacher's learned logit scale ``exp(logit_scale)``, clamped at CLIP's 100 as
+        CLIP's training clamps it (100 for ViT-B/32 ``openai``; about 16.8 for
+        ``shapes-tiny``): the calibration of cosine logits in its embedding space, from
+        which every method's temperature follows (``ovdlab.platform.config.calibrate``).
+        A model without one (not a CLIP) is an error, not a silent default."""
+        scale = getattr(self.model, "logit_scale", None)
+        if scale is None:
+            raise ValueError(f"teacher {self.teacher_id} has no learned logit_scale; set the method's temperature explicitly")
+        return float(torch.as_tensor(scale).detach().float().exp().clamp(max=MAX_LOGIT_SCALE))
 
 
 def register_tiny_config() -> None:

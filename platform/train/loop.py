@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ovdlab.methods.base import Vocabulary
 from ovdlab.methods.registry import build_method
-from ovdlab.platform.config import ExperimentConfig, build_config
+from ovdlab.platform.config import ExperimentConfig, build_config, calibrate
 from ovdlab.platform.data.catalog import OVDDataset, load_dataset
 from ovdlab.platform.data.images import ImageDecodeError
 from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
@@ -273,6 +273,9 @@ def load_text_banks(path: str | Path) -> dict[str, dict[str, Any]]:
     for split in ("train", "eval"):
         if split not in banks or "embeddings" not in banks[split]:
             raise ValueError(f"{path}: text bank file lacks the {split!r} bank")
+    if "teacher_logit_scale" not in banks:
+        raise ValueError(f"{path}: text bank file lacks the teacher's logit scale (written by an older ovdlab; "
+                         "rerun the training's preparation)")
     return banks
 
 
@@ -436,7 +439,8 @@ def load_start_state(raw: OVDDetector, cfg: ExperimentConfig, session: Session) 
 def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     """Train from the latest checkpoint (or ``train.init_from``, or scratch) to ``train.max_iter``
     (see module doc)."""
-    cfg = build_config(args.cfg)
+    banks = load_text_banks(args.text_path)
+    cfg = calibrate(build_config(args.cfg), float(banks["teacher_logit_scale"]))
     tcfg = cfg.train
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     torch.manual_seed(cfg.seed + session.rank)
@@ -444,7 +448,6 @@ def run_loop(args: LoopArgs, session: Session) -> LoopSummary:
     rank0 = session.rank == 0
     tracker = args.tracker if rank0 else None
 
-    banks = load_text_banks(args.text_path)
     train_vocab, eval_vocab = banks_vocabularies(banks)
     embed_dim = int(train_vocab.embeddings.shape[1])
     raw = build_model(cfg, embed_dim, eval_vocab)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 
 from ovdlab.platform.cluster import ensure_ray
-from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.config import ExperimentConfig, calibrate
 from ovdlab.platform.data.catalog import OVDDataset, ensure_dataset, load_dataset
 from ovdlab.platform.data.images import load_image
 from ovdlab.platform.detector.backbone_pretraining import resolve_backbone_weights
@@ -91,7 +91,7 @@ class TrainResult:
 class Prepared:
     """Inputs of the loop made on the driver; ``datasets`` by split, as the driver read them;
     ``cfg``: the config the workers get (``model.backbone_weights: base-crops`` resolved
-    to its file)."""
+    to its file, the method calibrated to the teacher)."""
 
     cfg: ExperimentConfig
     text_path: Path
@@ -143,7 +143,10 @@ def _bank_entry(teacher: Teacher, dataset: OVDDataset, ids: list[int], recipe: s
 
 
 def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
-    """Dataset, teacher, text banks (written to ``run_dir/text_banks.pt``), region store."""
+    """Dataset, teacher, text banks (written to ``run_dir/text_banks.pt``), region store;
+    the method's temperature or logit scale left to the teacher is set from its learned
+    logit scale here (:func:`~ovdlab.platform.config.calibrate`), so the workers and the
+    logged config carry the number."""
     from ovdlab.methods.registry import build_method
 
     ensure_dataset(cfg)
@@ -151,6 +154,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
     train_set, val_set = load_dataset(cfg, "train"), load_dataset(cfg, "val")
     train_ids = training_classes(cfg, train_set)
     teacher, teacher_file = load_training_teacher(cfg)
+    cfg = calibrate(cfg, teacher.logit_scale)
     cache = cfg.work_path("text_banks")
     recipe = cfg.teacher.prompt
     train_bank = _bank_entry(teacher, train_set, train_ids, recipe, cache)
@@ -168,6 +172,7 @@ def prepare_training(cfg: ExperimentConfig, run_dir: Path) -> Prepared:
         "eval": _bank_entry(teacher, val_set, list(val_set.category_ids), recipe, cache),
         "teacher_id": teacher.teacher_id,
         "teacher_digest": teacher.digest,
+        "teacher_logit_scale": teacher.logit_scale,
         "teacher_checkpoint": str(teacher_file) if teacher_file is not None else "",
     }
     run_dir.mkdir(parents=True, exist_ok=True)

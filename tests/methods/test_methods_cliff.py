@@ -21,7 +21,7 @@ IN, D, C, R = 12, 8, 4, 6
 
 
 def method(**cfg) -> CLIFF:
-    return build_method(CLIFFConfig(**cfg))  # type: ignore[return-value]
+    return build_method(CLIFFConfig(**{"logit_scale": 50.0, **cfg}))  # type: ignore[return-value]
 
 
 def vocab(classes: int = C) -> Vocabulary:

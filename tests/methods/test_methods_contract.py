@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ovdlab.methods.base import DistillOutputs, RegionContext, Vocabulary
 from ovdlab.methods.registry import available_methods, build_method
-from ovdlab.platform.config import load_config
+from ovdlab.platform.config import calibrate, load_config
 from ovdlab.platform.recipes.stages import check_recipe
 
 IN_FEATURES, EMBED, CLASSES, ROIS, REGIONS = 12, 8, 5, 7, 4
@@ -24,7 +24,7 @@ def test_every_method_builds_trains_and_scores(name):
     overrides = [f"method.name={name}"]
     if "distill_weight" in type(load_config(None, overrides).method).model_fields:
         overrides.append("method.distill_weight=0.5")
-    method = build_method(load_config(None, overrides).method)
+    method = build_method(calibrate(load_config(None, overrides), 100.0).method)
     names = [f"c{i}" for i in range(CLASSES + 3)]
     grown = Vocabulary.against(F.normalize(torch.randn(CLASSES + 3, EMBED), dim=1), names, names[:CLASSES])
     head = method.build_head(IN_FEATURES, EMBED, grown)

@@ -48,7 +48,7 @@ def test_distillation_is_clip_dim_times_the_element_mean_times_the_factor():
     torch.manual_seed(0)
     region, target = F.normalize(torch.randn(5, 512), dim=1), F.normalize(torch.randn(5, 512), dim=1)
     conf = [0.9, 0.3, 1.0, 0.5, 0.7]
-    method = EZSD(EZSDConfig(distill_weight=0.5))
+    method = EZSD(EZSDConfig(temperature=0.01, distill_weight=0.5))
     head = method.build_head(16, 512)
     out = {"embedding": F.normalize(torch.randn(3, 512), dim=1)}
     losses = method.losses(head, out, torch.tensor([0, 1, 0]), Vocabulary.trained(torch.randn(2, 512)),
@@ -69,7 +69,7 @@ def test_no_distillation_boxes_give_a_zero_in_the_graph():
 
 def test_learnable_temperature_starts_at_100_and_gets_a_gradient():
     torch.manual_seed(0)
-    method = EZSD(EZSDConfig())
+    method = EZSD(EZSDConfig(temperature=0.01))
     head = method.build_head(16, 8)
     assert isinstance(head.logit_scale, nn.Parameter) and head.logit_scale.exp().item() == pytest.approx(100.0)
     vocab = Vocabulary.trained(F.normalize(torch.randn(3, 8), dim=1))
@@ -78,12 +78,17 @@ def test_learnable_temperature_starts_at_100_and_gets_a_gradient():
     (losses["loss_cls"] + losses["loss_distill"]).backward()
     assert head.logit_scale.grad is not None and float(head.logit_scale.grad) != 0.0
     assert float(losses["temperature"]) == pytest.approx(0.01) and not losses["temperature"].requires_grad
-    fixed = EZSD(EZSDConfig(learn_temperature=False)).build_head(16, 8)
+    fixed = EZSD(EZSDConfig(temperature=0.01, learn_temperature=False)).build_head(16, 8)
     assert "logit_scale" not in dict(fixed.named_parameters())
 
 
+def test_an_uncalibrated_temperature_is_a_clear_error_not_a_default():
+    with pytest.raises(ValueError, match="calibrate"):
+        EZSD(EZSDConfig()).build_head(16, 8)
+
+
 def test_logits_scale_the_unnormalized_background_and_the_text_cosines():
-    method = EZSD(EZSDConfig())
+    method = EZSD(EZSDConfig(temperature=0.01))
     head = method.build_head(4, 2)
     with torch.no_grad():
         head.background.copy_(torch.tensor([3.0, 0.0]))
@@ -112,7 +117,7 @@ def test_text_conditioned_deltas_are_one_linear_map_of_feature_and_class_text():
 
 def test_the_detector_regresses_with_the_box_branch_and_decodes_a_box_per_class():
     torch.manual_seed(0)
-    model = build_detector(CFG, EZSD(EZSDConfig()), 8)
+    model = build_detector(CFG, EZSD(EZSDConfig(temperature=0.01)), 8)
     assert model.roi_heads.per_class_boxes and isinstance(model.roi_heads.box_predictor, TextConditionedBoxHead)
     with torch.no_grad():
         model.roi_heads.box_predictor.text.weight.normal_(std=1.0)
@@ -209,7 +214,7 @@ def test_the_confidence_column_reaches_the_loss_unchanged():
     ``DistillOutputs.weights`` as they were, with each box's image; an image without
     weights gets 1s."""
     torch.manual_seed(0)
-    method = _SpyEZSD(EZSDConfig())
+    method = _SpyEZSD(EZSDConfig(temperature=0.01))
     model = build_detector(CFG, method, 8)
     model.set_vocabulary(Vocabulary.trained(F.normalize(torch.randn(3, 8), dim=1)))
     model.train()

@@ -55,7 +55,7 @@ def _data():
 
 
 def test_without_a_box_branch_regression_is_the_class_agnostic_linear_and_per_class_decoding_agrees():
-    default, per_class = _model(ViLDText(ViLDConfig())), _model(PerClassCopy(ViLDConfig()))
+    default, per_class = _model(ViLDText(ViLDConfig(temperature=0.01))), _model(PerClassCopy(ViLDConfig(temperature=0.01)))
     assert isinstance(default.roi_heads.box_predictor, nn.Linear) and default.roi_heads.box_predictor.out_features == 4
     assert not default.roi_heads.per_class_boxes and per_class.roi_heads.per_class_boxes
     per_class.load_state_dict(default.state_dict())
@@ -76,7 +76,7 @@ def test_without_a_box_branch_regression_is_the_class_agnostic_linear_and_per_cl
 
 
 def test_per_class_boxes_are_decoded_for_their_class():
-    heads = _model(PerClassCopy(ViLDConfig())).roi_heads
+    heads = _model(PerClassCopy(ViLDConfig(temperature=0.01))).roi_heads
     boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0]]])  # one RoI, two classes
     scores = torch.tensor([[0.9, 0.8]])
     out = heads.postprocess(boxes, scores, (64, 64), None)
@@ -85,7 +85,7 @@ def test_per_class_boxes_are_decoded_for_their_class():
 
 
 def test_the_inference_generator_is_seeded_by_eval_seed():
-    model = _model(Sampling(ViLDConfig())).eval()
+    model = _model(Sampling(ViLDConfig(temperature=0.01))).eval()
     images, _ = _data()
 
     def detect(seed: int):

@@ -74,7 +74,7 @@ def test_text_loss_is_cross_entropy_with_background_label_zero():
 
 
 def test_vild_image_loss_is_weighted_l1_summed_over_d_and_averaged_over_boxes():
-    method = ViLD(ViLDConfig(name="vild", distill_weight=0.5))
+    method = ViLD(ViLDConfig(temperature=0.01, name="vild", distill_weight=0.5))
     head = hand_made_head(method)
     rois = method.forward_head(head, torch.tensor([[1.0, 0.0]]))
     regions = method.forward_head(head, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
@@ -87,7 +87,7 @@ def test_vild_image_loss_is_weighted_l1_summed_over_d_and_averaged_over_boxes():
 
 
 def test_vild_image_loss_without_boxes_is_zero_but_keeps_the_graph():
-    method = ViLD(ViLDConfig(name="vild", distill_weight=1.0))
+    method = ViLD(ViLDConfig(temperature=0.01, name="vild", distill_weight=1.0))
     head = method.build_head(3, 2)
     rois = method.forward_head(head, torch.randn(4, 3))
     empty = method.forward_head(head, torch.zeros(0, 3))
@@ -97,10 +97,10 @@ def test_vild_image_loss_without_boxes_is_zero_but_keeps_the_graph():
 
 
 def test_registry_builds_by_name_and_names_what_exists():
-    assert isinstance(build_method(ViLDConfig(name="vild-text")), ViLDText)
-    vild = build_method(ViLDConfig(name="vild", distill_weight=0.5))
+    assert isinstance(build_method(ViLDConfig(temperature=0.01, name="vild-text")), ViLDText)
+    vild = build_method(ViLDConfig(temperature=0.01, name="vild", distill_weight=0.5))
     assert isinstance(vild, ViLD) and vild.distills and vild.cfg.distill_weight == 0.5
-    assert not build_method(ViLDConfig(name="vild-text")).distills
+    assert not build_method(ViLDConfig(temperature=0.01, name="vild-text")).distills
     assert {"vild", "vild-text"} <= set(available_methods())
     for name in ("cliff", "no-such-method"):
         if name in available_methods():
@@ -110,7 +110,7 @@ def test_registry_builds_by_name_and_names_what_exists():
 
 
 def test_ensemble_branches_take_one_loss_each():
-    method = ViLDEnsemble(ViLDConfig(name="vild-ensemble", distill_weight=0.5))
+    method = ViLDEnsemble(ViLDConfig(temperature=0.01, name="vild-ensemble", distill_weight=0.5))
     head = method.build_head(3, 2)
     rois = method.forward_head(head, torch.randn(4, 3))
     regions = method.forward_head(head, torch.randn(2, 3))

@@ -224,3 +224,64 @@ def test_a_layer_naming_a_method_of_the_same_family_keeps_its_knobs():
     assert ensemble.method.name == "vild-ensemble"
     assert ensemble.method.model_dump(exclude={"name"}) == vild_cfg.method.model_dump(exclude={"name"})
     assert ensemble.method.distill_weight == 0.5
+
+
+@pytest.mark.parametrize("experiment", ["vild_text_shapes", "vild_shapes", "vild_ensemble_shapes", "lp_ovod_shapes",
+                                        "ezsd_shapes", "oracle_shapes", "vild_text_coco", "ezsd_coco", "lp_ovod_lvis"])
+def test_every_temperature_is_left_to_the_teacher_and_calibrated_from_it(experiment):
+    """No experiment ships CLIP's 0.01: the temperature is 1 / the teacher's logit scale."""
+    from ovdlab.platform.config import calibrate, uncalibrated
+
+    cfg = load_config(experiment)
+    assert cfg.method.temperature is None and uncalibrated(cfg.method) == ["temperature"]
+    assert calibrate(cfg, 100.0).method.temperature == pytest.approx(0.01)
+    assert calibrate(cfg, 16.8).method.temperature == pytest.approx(1 / 16.8)
+    explicit = load_config(experiment, ["method.temperature=0.05"])
+    assert calibrate(explicit, 16.8).method.temperature == 0.05
+
+
+def test_cliff_logit_scale_is_the_reference_ratio_of_the_teachers():
+    """CLIFF's 50 is half of CLIP's 100 (NORM_TEMP 50.0 in the reference's ovd/config.py)."""
+    from ovdlab.platform.config import calibrate
+
+    cfg = load_config("cliff_shapes")
+    assert cfg.method.logit_scale is None
+    assert calibrate(cfg, 100.0).method.logit_scale == pytest.approx(50.0)
+    assert calibrate(cfg, 16.8).method.logit_scale == pytest.approx(8.4)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_teacher_scale_is_refused(scale):
+    from ovdlab.platform.config import calibrate
+
+    with pytest.raises(ConfigError, match="logit scale"):
+        calibrate(load_config("vild_text_shapes"), scale)
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_a_layer_never_drops_a_method_setting_the_user_wrote(tmp_path, monkeypatch):
+    """A base experiment that sets a ViLD knob, built on by a layer switching to EZSD: the
+    composition refuses, naming the key, its file and the switching layer, instead of
+    silently training EZSD without it; writing it again after the switch is accepted."""
+    monkeypatch.chdir(tmp_path)
+    _write(tmp_path / "base.yaml", "defaults: [experiments/vild_text_shapes]\nmethod:\n  temperature: 0.06\n")
+    _write(tmp_path / "ezsd.yaml", "defaults: [base, methods/ezsd]\nname: x\n")
+    with pytest.raises(ConfigError, match=r"method\.temperature=0\.06 \(written in .*base\.yaml\) is dropped by configs/methods/ezsd\.yaml"):
+        load_config(tmp_path / "ezsd.yaml")
+    _write(tmp_path / "ezsd_again.yaml", "defaults: [base, methods/ezsd]\nmethod:\n  temperature: 0.05\n")
+    assert load_config(tmp_path / "ezsd_again.yaml").method.temperature == 0.05
+
+
+def test_family_defaults_are_replaced_silently_and_origins_are_recorded():
+    """Keys from configs/methods/ are a family's defaults: switching family replaces them."""
+    from ovdlab.platform.config import load_layered
+
+    layered = load_layered("experiments/cliff_shapes")
+    assert layered.data["method"]["name"] == "cliff" and "distill_weight" not in layered.data["method"]
+    assert layered.origins["method.name"] == "configs/methods/cliff.yaml"
+    assert layered.origins["train.max_iter"] == "configs/experiments/vild_text_shapes.yaml"
+    assert layered.origins["train.distill_per_image"] == "configs/experiments/cliff_shapes.yaml"

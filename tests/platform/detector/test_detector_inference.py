@@ -30,7 +30,7 @@ def one_thread():
 def model():
     torch.manual_seed(0)
     cfg = ModelConfig(fpn_channels=16, representation_size=32, rpn_pre_nms_top_n=100, rpn_post_nms_top_n=30)
-    det = build_detector(cfg, build_method(ViLDConfig(name="vild-text")), EMBED)
+    det = build_detector(cfg, build_method(ViLDConfig(temperature=0.01, name="vild-text")), EMBED)
     det.set_vocabulary(Vocabulary.trained(F.normalize(torch.randn(3, EMBED), dim=1)))
     return det
 

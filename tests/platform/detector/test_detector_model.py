@@ -45,7 +45,7 @@ def text_bank(num_classes: int) -> torch.Tensor:
 
 
 def make_model(method: str = "vild", classes: int = 5, **cfg):
-    model = build_detector(small_cfg(**cfg), build_method(ViLDConfig(name=method, distill_weight=0.5)), EMBED)
+    model = build_detector(small_cfg(**cfg), build_method(ViLDConfig(temperature=0.01, name=method, distill_weight=0.5)), EMBED)
     model.set_vocabulary(Vocabulary.trained(text_bank(classes)))
     return model
 
@@ -135,7 +135,7 @@ def test_eval_detections_respect_vocabulary_and_limit():
 
 
 def test_vocabulary_and_target_errors_are_clear():
-    model = build_detector(small_cfg(), build_method(ViLDConfig(name="vild-text")), EMBED)
+    model = build_detector(small_cfg(), build_method(ViLDConfig(temperature=0.01, name="vild-text")), EMBED)
     images, targets = batch()
     with pytest.raises(RuntimeError, match="set_vocabulary"):
         model.eval()(images)
@@ -149,7 +149,7 @@ def test_vocabulary_and_target_errors_are_clear():
     with pytest.raises(ValueError, match="image 42: boxes must be finite with x2 > x1"):
         model(images[:1], bad)
     with pytest.raises(ValueError, match="model.embed_dim=8 differs"):
-        build_detector(small_cfg(embed_dim=8), build_method(ViLDConfig()), EMBED)
+        build_detector(small_cfg(embed_dim=8), build_method(ViLDConfig(temperature=0.01)), EMBED)
 
 
 def test_vild_text_ignores_distillation_boxes():

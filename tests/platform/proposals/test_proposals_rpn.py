@@ -12,7 +12,7 @@ from ovdlab.platform.detector.model import build_detector
 from ovdlab.platform.proposals import RPNProposalSource
 
 MODEL = ModelConfig(backbone="resnet18", neck="fpn", fpn_channels=16, min_size=64, max_size=96, rpn_post_nms_top_n=50)
-METHOD = ViLDConfig(name="vild-text")
+METHOD = ViLDConfig(temperature=0.01, name="vild-text")
 EMBED_DIM = 8
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ovdlab.platform.config import ConfigError, ExperimentConfig, load_config
+from ovdlab.platform.config import ConfigError, ExperimentConfig, calibrate, load_config
 from ovdlab.platform.detector.model import OVDDetector
 from ovdlab.platform.train.checkpoint import (
     MODEL_FILE,
@@ -56,7 +56,7 @@ class World:
         return run_loop(args, session), session
 
     def model(self, cfg: ExperimentConfig) -> OVDDetector:
-        return build_model(cfg, self.embed_dim)
+        return build_model(calibrate(cfg, load_text_banks(self.prepared.text_path)["teacher_logit_scale"]), self.embed_dim)
 
 
 @pytest.fixture(scope="module")
