@@ -242,16 +242,24 @@ class EZSDConfig(MethodSection):
 class CLIFFConfig(MethodSection):
     """CLIFF (``methods/cliff/``, Li et al. 2024): the object feature diffused to CLIP spaces.
 
-    ``diffusion_steps``: T of the cosine schedule (``cosine_s``); ``image_steps`` of the
-    reverse steps take the object to CLIP image space (the first ``T - 1 .. T - image_steps``).
-    ``logit_scale``: the cosine logits' scale (None: half the teacher's, as the reference's
-    50 is half of CLIP's 100; on shapes-tiny about 8.4). Loss weights: ``kl_weight`` (the VAE layer's
-    KL), ``rec_weight`` (the image chain's L1 to the teacher's embeddings of the stored
-    class-agnostic proposals), ``gen_weight`` (the noise-prediction L1 at a random step).
-    ``image_chain``: whether the condition of the text generation is gated by the generated
-    image embedding (stages 2 and 3; off in stage 1). ``stage_split``: how the three
-    training phases share ``train.max_iter`` (the paper's 90k / 360k / 120k: 3 : 12 : 4);
-    ``final_lr_factor``: the last phase's LR relative to ``train.lr``.
+    Defaults are the reference's (CUHK-AIM-Group/CLIFF ``configs/CLIFF_COCO_RCNN-C4_*.yaml``
+    and ``ovd/config.py``; docs/methods.md, "Fidelity"). ``diffusion_steps``: T of the
+    cosine schedule (``cosine_s``); ``image_steps`` of the reverse steps take the object to
+    CLIP image space (the first ``T - 1 .. T - image_steps``). ``logit_scale``: the cosine
+    logits' scale (None: half the teacher's, as the reference's 50 is half of CLIP's 100;
+    on shapes-tiny about 8.4). Loss weights: ``kl_weight`` (the VAE layer's KL, summed
+    over dimensions; the reference applies 1 whatever its config says), ``rec_weight``
+    (the image chain's L1 to the teacher's embeddings of the stored class-agnostic
+    proposals: 15 in stage 2) and ``final_rec_weight`` (75 in stage 3), ``gen_weight``
+    (the noise-prediction loss). ``gen_loss``: ``l1`` at one random step (stages 2 and 3)
+    or ``mse-all-steps`` (stage 1, the reference's over-sampling). ``object_noise``: the
+    diffusion starts from the VAE layer's sample (stages 2 and 3) rather than ``N(0, I)``
+    (stage 1). ``image_chain``: whether the condition of the text generation is gated by
+    the generated image embedding (stages 2 and 3; off in stage 1). ``stage_split``: how
+    the three training phases share ``train.max_iter`` (the paper's 90k / 360k / 120k:
+    3 : 12 : 4); ``phase_steps``: where each phase decays its LR, as fractions of its
+    length; ``final_lr_factor``: the last phase's LR relative to ``train.lr``. The recipe
+    sets the per-phase values (``methods/cliff/method.py``).
     """
 
     teacher_calibrated: ClassVar[dict[str, Callable[[float], float]]] = {"logit_scale": _half_scale}
@@ -261,10 +269,15 @@ class CLIFFConfig(MethodSection):
     cosine_s: float = Field(0.008, gt=0)
     logit_scale: float | None = Field(None, gt=0, description=f"None: {CLIFF_SCALE_RATIO} x {TEACHER_SCALE}")
     kl_weight: float = Field(1.0, ge=0)
-    rec_weight: float = Field(1.0, ge=0)
+    rec_weight: float = Field(15.0, ge=0)
+    final_rec_weight: float = Field(75.0, ge=0)
     gen_weight: float = Field(1.0, ge=0)
+    gen_loss: Literal["l1", "mse-all-steps"] = "l1"
+    object_noise: bool = True
     image_chain: bool = True
     stage_split: list[float] = Field(default_factory=lambda: [3.0, 12.0, 4.0], min_length=3, max_length=3)
+    phase_steps: list[list[float]] = Field(
+        default_factory=lambda: [[2 / 3, 8 / 9], [2 / 3, 8 / 9], [1 / 2, 2 / 3]], min_length=3, max_length=3)
     final_lr_factor: float = Field(0.1, gt=0)
 
     @model_validator(mode="after")
@@ -273,6 +286,8 @@ class CLIFFConfig(MethodSection):
             raise ValueError(f"image_steps ({self.image_steps}) must be <= diffusion_steps ({self.diffusion_steps})")
         if any(n <= 0 for n in self.stage_split):
             raise ValueError(f"stage_split must be positive, got {self.stage_split}")
+        if any(not 0 < f < 1 for phase in self.phase_steps for f in phase):
+            raise ValueError(f"phase_steps are fractions of a phase, each in (0, 1), got {self.phase_steps}")
         return self
 
 
@@ -309,8 +324,11 @@ class TrainConfig(Section):
     ``all`` for the oracle ceiling, which needs novel boxes in the training file
     (``dataset.shapes.oracle``).
 
-    ``distill_per_image``: distillation regions per image and step, a fresh random
-    subset of the image's stored regions each time it is drawn (None: all of them).
+    ``distill_per_image``: distillation proposals per image and step (None: all of the
+    image's stored ones); a store's ground-truth rows (EZSD's) are distilled besides them,
+    every one, as EZSD's reference does. ``distill_order``: which proposals, ``random`` (a
+    fresh random subset each time the image is drawn) or ``first`` (the store's first,
+    i.e. the source's highest-scored: CLIFF's top-5 proposals, EZSD's fixed first 200).
     ViLD distills every one of its M precomputed proposals; on CPU each region costs a
     RoIAlign backward, so a small run samples them instead.
 
@@ -358,6 +376,7 @@ class TrainConfig(Section):
     amp: bool = True
     loader_workers: int = Field(0, ge=0)
     distill_per_image: int | None = Field(None, ge=1)
+    distill_order: Literal["random", "first"] = "random"
     init_from: str | None = None
     freeze: list[str] = Field(default_factory=list)
     pseudo_labels: str | None = None

@@ -1,31 +1,40 @@
 """CLIFF's RoI head, losses and three-phase recipe (methods.md, "CLIFF").
 
 With ``h_r`` the box-head feature of region ``r`` (R50-C4: the mean-pooled res5 output)
-and ``t_c`` the normalized text embedding of class ``c``:
+and ``t_c`` the normalized text embedding of class ``c``; reference files are those of
+CUHK-AIM-Group/CLIFF (``ovd/modeling/roi_heads/zero_shot_classifier.py``,
+``diffusion_lib.py``, the three ``configs/CLIFF_COCO_RCNN-C4_*.yaml``):
 
 - Object feature ``x_r = W h_r`` (``D``, the CLIP width); class-agnostic box regression
   stays the platform's.
-- Object-centric noise: a VAE layer ``x_r -> (mu_r, log var_r)``; the diffusion starts from
-  its sample ``z_r = mu_r + sigma_r eps`` (``mu_r`` at test time), and
-  ``L_kl = 1/(R D) sum 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)``.
-- Object -> image (stages 2 and 3): the first ``image_steps`` reverse steps of the image
-  diffuser from ``z_r`` conditioned on ``x_r`` give ``img_r`` (the last clamped ``x0``);
-  ``L_rec`` = mean L1 between ``img`` and the teacher's normalized embedding of the
-  stored class-agnostic proposals. The text condition is gated:
-  ``cond_r = sigmoid(G img_r) * x_r`` (``G`` starts at zero: a constant 1/2 gate, which the
-  condition's LayerNorm removes, so stage 2 starts from stage 1's generator).
-- Object -> text: all ``T`` reverse steps of the text diffuser from ``z_r`` under
-  ``cond_r`` give ``g_r``; logits ``[0, s cos(g_r, t_1), ..., s cos(g_r, t_C)]``
-  (``s`` = 50, a zero background column), sigmoid binary cross-entropy against the one-hot
-  label (background: all zero), summed over classes, averaged over regions.
-- Generation: at a random step ``t`` per region, ``x_t = q(x0 = t_{y_r}, eps = z_r)`` with
-  ``t_{y_r}`` the ground-truth class's text embedding (the zero vector for background);
-  ``L_gen`` = mean L1 between the predicted and the true noise.
+- Object-centric noise (stages 2 and 3, the reference's ``WITH_COND_NOISE``): a VAE layer
+  ``x_r -> (mu_r, log var_r)``; the diffusion starts from its sample
+  ``z_r = mu_r + sigma_r eps`` (``mu_r`` at test time), and
+  ``L_kl = 1/R sum_r sum_d 1/2 (mu^2 + sigma^2 - 1 - log sigma^2)`` (summed over the
+  dimensions, ``diffusion_lib.py``). Stage 1 starts from ``N(0, I)`` and has no KL.
+- One diffuser (the reference's single ``ddpm_module``) serves both chains. Object ->
+  image (stages 2 and 3): its first ``image_steps`` reverse steps from ``z_r``
+  conditioned on ``x_r`` give ``img_r`` (the last clamped ``x0``); ``L_rec`` = mean L1
+  between ``normalize(img)`` and the teacher's normalized embedding of the stored
+  class-agnostic proposals (``F.normalize`` before ``F.l1_loss``, as the reference). The
+  text condition is gated: ``cond_r = sigmoid(G img_r) * x_r`` (``G`` starts at zero: a
+  constant 1/2 gate, which the condition's LayerNorm removes, so stage 2 starts from
+  stage 1's generator).
+- Object -> text: all ``T`` reverse steps of the diffuser from ``z_r`` under ``cond_r``
+  give ``g_r``; logits ``[0, s cos(g_r, t_1), ..., s cos(g_r, t_C)]`` (``s`` half the
+  teacher's logit scale: the reference's 50 under CLIP's 100; a zero background column),
+  sigmoid binary cross-entropy against the one-hot label (background: all zero), summed
+  over classes, averaged over regions.
+- Generation: ``x_t = q(x0 = t_{y_r}, eps = z_r)`` with ``t_{y_r}`` the ground-truth
+  class's text embedding (the zero vector for background); stage 1 takes every step
+  ``t`` of every region with an MSE (the reference's ``WITH_OVER_SAMPLING``), stages 2 and
+  3 one random step per region with an L1.
 
-``L = L_cls + gen_weight L_gen + kl_weight L_kl + rec_weight L_rec`` (+ the box loss).
-The reference parses the KL and reconstruction weights and never applies them; here they
-are applied. Inference samples with the generator the platform seeds from ``eval.seed``:
-the same seed gives the same detections.
+``L = L_cls + gen_weight L_gen + kl_weight L_kl + rec_weight L_rec`` (+ the box loss);
+``rec_weight`` is 15 in stage 2 and 75 in stage 3 (``LOSS_WEIGHT_REGION_TO_IMAGE``). The
+reference parses a KL weight and never applies it (effective weight 1), as here.
+Inference samples with the generator the platform seeds from ``eval.seed``: the same seed
+gives the same detections.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ LOGVAR_RANGE = (-10.0, 10.0)
 
 
 class CLIFFHead(nn.Module):
-    """Object projection, VAE layer, gate, the image and text diffusers and their schedule."""
+    """Object projection, VAE layer, gate, the diffuser both chains share and its schedule."""
 
     def __init__(self, in_features: int, embed_dim: int, steps: int, cosine_s: float) -> None:
         super().__init__()
@@ -53,8 +62,7 @@ class CLIFFHead(nn.Module):
         self.gate = nn.Linear(embed_dim, embed_dim)
         nn.init.zeros_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
-        self.image_diffuser = Diffuser(embed_dim)
-        self.text_diffuser = Diffuser(embed_dim)
+        self.diffuser = Diffuser(embed_dim)
         self.schedule = CosineSchedule(steps, cosine_s)
 
     def forward(self, features: Tensor) -> dict[str, Tensor]:
@@ -64,8 +72,9 @@ class CLIFFHead(nn.Module):
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
-    """``KL(N(mu, sigma^2) || N(0, I))`` per dimension, averaged over rows and dimensions."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+    """``KL(N(mu, sigma^2) || N(0, I))`` summed over dimensions, averaged over rows (the
+    reference's ``-0.5 * sum(1 + logvar - mu^2 - exp(logvar)) / R``)."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1).mean()
 
 
 class CLIFF(Method):
@@ -86,9 +95,12 @@ class CLIFF(Method):
         return CLIFFHead(in_features, embed_dim, self.cfg.diffusion_steps, self.cfg.cosine_s)
 
     # -------------------------------------------------------------- the chain
-    def start(self, head_out: dict[str, Tensor], training: bool) -> Tensor:
-        """``x_T``: the VAE sample (training) or its mean (inference)."""
+    def start(self, head_out: dict[str, Tensor], training: bool, generator: torch.Generator | None = None) -> Tensor:
+        """``x_T``: the VAE sample (training) or its mean (inference); ``N(0, I)`` without
+        object noise (stage 1)."""
         mu, logvar = head_out["mu"], head_out["logvar"]
+        if not self.cfg.object_noise:
+            return torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         if not training:
             return mu
         return mu + (0.5 * logvar).exp() * torch.randn_like(mu)
@@ -96,7 +108,7 @@ class CLIFF(Method):
     def image(self, head: CLIFFHead, x: Tensor, x_start: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Object -> CLIP image space: the first ``image_steps`` reverse steps conditioned on ``x``."""
         steps = range(self.cfg.diffusion_steps - 1, self.cfg.diffusion_steps - 1 - self.cfg.image_steps, -1)
-        return sample(head.image_diffuser, head.schedule, x_start, x, steps, generator)[1]
+        return sample(head.diffuser, head.schedule, x_start, x, steps, generator)[1]
 
     def condition(self, head: CLIFFHead, x: Tensor, x_start: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The text generation's condition: ``x``, gated by the generated image embedding
@@ -108,10 +120,10 @@ class CLIFF(Method):
     def generate(self, head: CLIFFHead, head_out: dict[str, Tensor], training: bool,
                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``(g, x_T, cond)``: the text-space embedding after the full reverse chain."""
-        x_start = self.start(head_out, training)
+        x_start = self.start(head_out, training, generator)
         cond = self.condition(head, head_out["object"], x_start, generator)
         steps = range(self.cfg.diffusion_steps - 1, -1, -1)
-        return sample(head.text_diffuser, head.schedule, x_start, cond, steps, generator)[0], x_start, cond
+        return sample(head.diffuser, head.schedule, x_start, cond, steps, generator)[0], x_start, cond
 
     def cosine_logits(self, generated: Tensor, vocab: Vocabulary) -> Tensor:
         """``[R, 1 + C]``: a zero background column, then ``s cos(g, t_c)``."""
@@ -139,32 +151,46 @@ class CLIFF(Method):
         return {
             "loss_cls": loss_cls,
             "loss_gen": self.cfg.gen_weight * self.generation_loss(head, labels, vocab, x_start, cond),  # type: ignore[arg-type]
-            "loss_kl": self.cfg.kl_weight * kl_divergence(head_out["mu"].float(), head_out["logvar"].float()),
+            "loss_kl": self.cfg.kl_weight * self.kl_loss(head, head_out),  # type: ignore[arg-type]
             "loss_rec": self.cfg.rec_weight * self.reconstruction_loss(head, head_out, distill),  # type: ignore[arg-type]
         }
 
+    def kl_loss(self, head: CLIFFHead, head_out: dict[str, Tensor]) -> Tensor:
+        """:func:`kl_divergence` of the VAE layer; without object noise (stage 1) a zero that
+        keeps the layer in the graph (DDP expects a gradient for every parameter)."""
+        if not self.cfg.object_noise:
+            return anchor_to_graph(head_out["mu"], head_out["logvar"])
+        return kl_divergence(head_out["mu"].float(), head_out["logvar"].float())
+
     def generation_loss(self, head: CLIFFHead, labels: Tensor, vocab: Vocabulary, noise: Tensor, cond: Tensor) -> Tensor:
-        """Noise-prediction L1 at one random step per region, ``x0`` = the label's text
-        embedding (zero for background), the noise = the region's own ``x_T``."""
+        """Noise prediction with ``x0`` = the label's text embedding (zero for background)
+        and the noise = the region's own ``x_T``: L1 at one random step per region, or
+        (``gen_loss: mse-all-steps``, stage 1) MSE over every step of every region."""
         text = F.normalize(vocab.embeddings, dim=-1).to(noise.dtype)
         x0 = torch.cat([torch.zeros_like(text[:1]), text])[labels]
-        t = torch.randint(0, self.cfg.diffusion_steps, (len(labels),), device=labels.device)
         target = noise.detach()
-        eps = head.text_diffuser(head.schedule.q_sample(x0, t, target), t, cond)
+        steps = self.cfg.diffusion_steps
+        if self.cfg.gen_loss == "mse-all-steps":
+            t = torch.arange(steps, device=labels.device).repeat_interleave(len(labels))
+            x0, target, cond = x0.repeat(steps, 1), target.repeat(steps, 1), cond.repeat(steps, 1)
+            eps = head.diffuser(head.schedule.q_sample(x0, t, target), t, cond)
+            return F.mse_loss(eps.float(), target.float())
+        t = torch.randint(0, steps, (len(labels),), device=labels.device)
+        eps = head.diffuser(head.schedule.q_sample(x0, t, target), t, cond)
         return F.l1_loss(eps.float(), target.float())
 
     def reconstruction_loss(self, head: CLIFFHead, head_out: dict[str, Tensor], distill: DistillOutputs | None) -> Tensor:
-        """Mean L1 between the image chain's output on the stored proposals and the teacher's
-        normalized embeddings of them; a zero in the graph when there are none or the
-        image chain is off (stage 1: the image parameters stay connected for DDP)."""
+        """Mean L1 between the normalized image-chain output on the stored proposals and the
+        teacher's normalized embeddings of them; a zero in the graph when there are none or
+        the image chain is off (stage 1: the gate stays connected for DDP)."""
         if not self.cfg.image_chain or distill is None or distill.num_boxes == 0:
-            anchors = [head_out["object"], *head.image_diffuser.parameters(), *head.gate.parameters()]
+            anchors = [head_out["object"], *head.gate.parameters()]
             if distill is not None:
                 anchors.append(distill.head_out["object"])
             return anchor_to_graph(*anchors)
         x_start = self.start(distill.head_out, training=True)
         image = self.image(head, distill.head_out["object"], x_start)
-        return F.l1_loss(image.float(), F.normalize(distill.targets.float(), dim=-1))
+        return F.l1_loss(F.normalize(image.float(), dim=-1), F.normalize(distill.targets.float(), dim=-1))
 
     def scores(
         self, head: nn.Module, head_out: dict[str, Tensor], vocab: Vocabulary, regions: RegionContext | None = None
@@ -176,11 +202,14 @@ class CLIFF(Method):
 
     def recipe(self, cfg: ExperimentConfig) -> list[Stage]:
         """[proposal detector] -> [store] -> stage 1 (object -> text) -> stage 2 (object -> image -> text)
-        -> stage 3 (the same at ``final_lr_factor`` x LR) -> evaluation over ``eval.seeds``.
+        -> stage 3 (the same at ``final_lr_factor`` x LR, ``final_rec_weight``) -> evaluation
+        over ``eval.seeds``.
 
         The phases share ``train.max_iter`` by ``method.stage_split`` (:func:`phase_lengths`),
-        run at a constant LR (warmup in the first only) and start from the previous phase's
-        final weights. With
+        each decays its LR x ``train.gamma`` at the fractions ``method.phase_steps`` of its
+        length (the reference's 60k/80k of 90k, 240k/320k of 360k, 60k/80k of 120k), warms up
+        in the first only, and starts from the previous phase's final weights. Stage 1 runs
+        without object noise or image chain, with the all-steps MSE generation loss. With
         RPN proposals and no ``proposals.checkpoint``, the class-agnostic proposals that
         stages 2 and 3 distill come from ViLD-text's training of the same dataset (a
         detector that never saw a novel box), as in ViLD's recipe.
@@ -190,16 +219,18 @@ class CLIFF(Method):
         if cfg.proposals.source == "rpn" and cfg.proposals.checkpoint is None:
             stages.append(Stage("proposal-detector", "train", experiment=f"experiments/vild_text_{cfg.dataset.kind}"))
             reads = {"proposals.checkpoint": "proposal-detector"}
-        first, second, third = phase_lengths(cfg.train.max_iter, cfg.method.stage_split)
+        lengths = phase_lengths(cfg.train.max_iter, cfg.method.stage_split)
+        first, second, third = (phase_schedule(n, fractions) for n, fractions in zip(lengths, cfg.method.phase_steps))
         return [
             *stages,
             *self.store_stages(reads),
             Stage("obj-txt", "train", reads=reads,
-                  overrides=("method.image_chain=false", f"train.max_iter={first}", "train.steps=[]")),
+                  overrides=("method.image_chain=false", "method.object_noise=false", "method.gen_loss=mse-all-steps",
+                             *first)),
             Stage("obj-img-txt", "train", reads={**reads, "train.init_from": "obj-txt"},
-                  overrides=(f"train.max_iter={second}", "train.steps=[]", "train.warmup_iters=0")),
+                  overrides=(*second, "train.warmup_iters=0")),
             Stage("final", "train", reads={**reads, "train.init_from": "obj-img-txt"},
-                  overrides=(f"train.max_iter={third}", "train.steps=[]", "train.warmup_iters=0",
+                  overrides=(*third, "train.warmup_iters=0", f"method.rec_weight={cfg.method.final_rec_weight:g}",
                              f"train.lr={cfg.train.lr * cfg.method.final_lr_factor:g}")),
             Stage("eval", "eval"),
         ]
@@ -212,3 +243,10 @@ def phase_lengths(total: int, split: list[float]) -> tuple[int, int, int]:
     weight = sum(split)
     first, second = (max(1, round(total * part / weight)) for part in split[:2])
     return first, second, max(1, total - first - second)
+
+
+def phase_schedule(length: int, fractions: list[float]) -> tuple[str, str]:
+    """A phase's ``train.max_iter`` and ``train.steps`` overrides: LR drops at ``fractions``
+    of its ``length`` (steps that round to 0 or past the end are left out)."""
+    steps = sorted({round(length * f) for f in fractions if 0 < round(length * f) < length})
+    return f"train.max_iter={length}", f"train.steps=[{', '.join(map(str, steps))}]"

@@ -10,8 +10,9 @@ and a target whose boxes went through the very same transform call as the image:
 - ``distill_boxes`` ``[M, 4]``, ``distill_embeddings`` ``[M, D]`` (float32) and
   ``distill_weights`` ``[M]`` from the region store (only when a store is given and
   holds the image): the store's boxes are in original pixels and are clipped to the
-  image, empty ones dropped, at most ``max_distill`` kept (a random subset in training,
-  the first ones, i.e. the store's order, in evaluation); weights are the store's
+  image, empty ones dropped; every row the store marks as ground truth kept and at most
+  ``max_distill`` proposals (a random subset in training unless ``distill_order`` is
+  ``first``, the first ones, i.e. the store's order, in evaluation); weights are the store's
   ``confidence`` extra column when it has one (EZSD), else 1;
 - ``image_id``, ``orig_size`` ``(H, W)``, ``scale`` ``(scale_x, scale_y)`` and ``flipped``.
 
@@ -32,6 +33,7 @@ from torch.utils.data import Dataset
 
 from ovdlab.platform.data.images import ImageDecodeError, load_image
 from ovdlab.platform.detector.transforms import hflip, resize
+from ovdlab.platform.proposals.base import GROUND_TRUTH_COLUMN
 
 CONFIDENCE_COLUMN = "confidence"
 
@@ -85,7 +87,10 @@ class DetectionDataset(Dataset):
         train: random horizontal flip (p = ``flip_prob``) and random distillation subset.
         min_size, max_size: ResizeShortestEdge sizes.
         store: optional region store with distillation boxes and teacher embeddings.
-        max_distill: cap on distillation boxes per image (None: all).
+        max_distill: cap on distillation proposals per image (None: all); rows a
+            store marks as ground truth (``ground_truth`` column, EZSD) are all kept.
+        distill_order: ``random`` (a fresh subset each time in training) or ``first``
+            (the store's first ones, i.e. the source's best: CLIFF's top proposals).
         pseudo_labels: extra COCO-style annotations by image id (a probe's
             pseudo-labels); when given, only the images that have one are used.
     """
@@ -99,6 +104,7 @@ class DetectionDataset(Dataset):
         max_size: int,
         store: _Store | None = None,
         max_distill: int | None = None,
+        distill_order: str = "random",
         flip_prob: float = 0.5,
         pseudo_labels: dict[int, list[dict[str, Any]]] | None = None,
     ) -> None:
@@ -116,6 +122,7 @@ class DetectionDataset(Dataset):
         self.max_size = max_size
         self.store = store
         self.max_distill = max_distill
+        self.distill_order = distill_order
         self.flip_prob = flip_prob
 
     def __len__(self) -> int:
@@ -136,8 +143,18 @@ class DetectionDataset(Dataset):
         box_t, keep = _clip_nonempty(box_t, height, width)
         return box_t[keep], torch.tensor(labels, dtype=torch.int64)[keep]
 
+    def capped(self, index: Tensor) -> Tensor:
+        """At most ``max_distill`` of the proposal rows ``index`` (store order): a fresh random
+        subset each time in training with ``distill_order="random"``, else the first ones."""
+        if self.max_distill is None or len(index) <= self.max_distill:
+            return index
+        if self.train and self.distill_order == "random":
+            return index[torch.randperm(len(index))[: self.max_distill].sort().values]
+        return index[: self.max_distill]
+
     def distillation(self, image_id: int, height: int, width: int) -> dict[str, Tensor] | None:
-        """The store's regions of the image (clipped, capped), or None without any."""
+        """The store's regions of the image (clipped; every ground-truth row, the proposals
+        capped by :meth:`capped`), or None without any."""
         if self.store is None or image_id not in self.store:
             return None
         regions = self.store.get(image_id)
@@ -149,11 +166,11 @@ class DetectionDataset(Dataset):
             if confidence is None
             else torch.tensor(np.asarray(confidence), dtype=torch.float32)
         )
+        flags = (regions.extras or {}).get(GROUND_TRUTH_COLUMN)
+        is_gt = torch.zeros(len(boxes), dtype=torch.bool) if flags is None else torch.tensor(np.asarray(flags)) > 0.5
         boxes, keep = _clip_nonempty(boxes, height, width)
         index = torch.where(keep)[0]
-        if self.max_distill is not None and len(index) > self.max_distill:
-            pick = torch.randperm(len(index))[: self.max_distill].sort().values if self.train else torch.arange(self.max_distill)
-            index = index[pick]
+        index = torch.cat([index[is_gt[index]], self.capped(index[~is_gt[index]])])
         return {
             "distill_boxes": boxes[index],
             "distill_embeddings": embeddings[index],

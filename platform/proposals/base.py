@@ -29,6 +29,13 @@ another image size and the image is recorded as a failure.
 """
 
 
+GROUND_TRUTH_COLUMN = "ground_truth"
+"""Extra column of a store that holds ground-truth boxes besides proposals (EZSD): 1 on a
+ground-truth row, 0 on a proposal. Training distills every ground-truth row and caps only
+the proposals (``train.distill_per_image``), as EZSD's reference concatenates all ground
+truth with its fixed proposal subset."""
+
+
 class BoxError(ValueError):
     """Boxes that cannot be used on their image (out of the image, empty, non-finite)."""
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ovdlab.platform.proposals.base import Proposals, xywh_to_xyxy
+from ovdlab.platform.proposals.base import GROUND_TRUTH_COLUMN, Proposals, xywh_to_xyxy
 
 
 class GroundTruthSource:
@@ -38,27 +38,25 @@ class WithGroundTruth:
     EZSD distills the teacher's embeddings of the base ground-truth boxes besides its
     CLIP proposals, the ground truth with weight 1 (Liu, Hu & Nevatia 2023, Sec. 3.4):
     so every ground-truth row gets score 1 and 1 in each extra column (a ``confidence``
-    of 1). Ground truth comes first, then the inner source's proposals, so a training
-    that reads the first regions of an image (evaluation order) reads the boxes it is
-    surest of. Its name, extra columns and accelerator needs are the inner source's; the
+    of 1), and the ``ground_truth`` column marks the rows (:data:`GROUND_TRUTH_COLUMN`):
+    training distills all of them and caps only the proposals. Ground truth comes first,
+    then the inner source's proposals. Its name, extra columns and accelerator needs are the inner source's; the
     fingerprint says the ground truth is included, so the store has its own key.
     """
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
         self.name = inner.name
-        self.extra_names = tuple(inner.extra_names)
+        self.extra_names = (*inner.extra_names, GROUND_TRUTH_COLUMN)
         self.needs_accelerator = inner.needs_accelerator
 
     def fingerprint(self) -> dict[str, Any]:
-        return {**self.inner.fingerprint(), "with_ground_truth": True}
+        return {**self.inner.fingerprint(), "with_ground_truth": GROUND_TRUTH_COLUMN}
 
     def propose(self, image: np.ndarray, image_id: int, annotations: list[dict[str, Any]]) -> Proposals:
         gt = GroundTruthSource().propose(image, image_id, annotations)
         found = self.inner.propose(image, image_id, annotations)
         ones = np.ones(len(gt), np.float32)
-        return Proposals(
-            np.concatenate([gt.boxes, found.boxes]),
-            np.concatenate([gt.scores, found.scores]),
-            {name: np.concatenate([ones, found.extras[name]]) for name in self.extra_names},
-        )
+        extras = {name: np.concatenate([ones, found.extras[name]]) for name in self.inner.extra_names}
+        extras[GROUND_TRUTH_COLUMN] = np.concatenate([ones, np.zeros(len(found), np.float32)])
+        return Proposals(np.concatenate([gt.boxes, found.boxes]), np.concatenate([gt.scores, found.scores]), extras)

@@ -335,7 +335,7 @@ def _train_loader(
         store = RegionStore(store_path)
     data = DetectionDataset(
         dataset, class_ids, train=True, min_size=cfg.model.min_size, max_size=cfg.model.max_size,
-        store=store, max_distill=cfg.train.distill_per_image, pseudo_labels=pseudo,
+        store=store, max_distill=cfg.train.distill_per_image, distill_order=cfg.train.distill_order, pseudo_labels=pseudo,
     )
     if cfg.train.batch_size % session.world_size:
         raise ValueError(

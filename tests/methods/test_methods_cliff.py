@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ovdlab.methods.base import DistillOutputs, RegionContext, Vocabulary
 from ovdlab.methods.cliff.diffusion import CosineSchedule, Diffuser, cosine_betas, reverse_step
-from ovdlab.methods.cliff.method import CLIFF, kl_divergence, phase_lengths
+from ovdlab.methods.cliff.method import CLIFF, kl_divergence, phase_lengths, phase_schedule
 from ovdlab.methods.registry import build_method
 from ovdlab.platform.config import CLIFFConfig, EvalConfig, ModelConfig, load_config
 from ovdlab.platform.detector import build_detector
@@ -71,8 +71,9 @@ def test_x0_prediction_is_clamped():
 def test_kl_of_the_vae_layer():
     mu = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     logvar = torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]])
-    # 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) per element: 0.5, 0.5 (1 - log 2), 0, 2
-    expected = (0.5 + 0.5 * (1 - math.log(2.0)) + 0.0 + 2.0) / 4
+    # 0.5 (mu^2 + sigma^2 - 1 - log sigma^2) per element: 0.5, 0.5 (1 - log 2), 0, 2;
+    # summed over the dimensions, averaged over the rows (the reference's diffusion_lib.py)
+    expected = (0.5 + 0.5 * (1 - math.log(2.0)) + 0.0 + 2.0) / 2
     assert kl_divergence(mu, logvar).item() == pytest.approx(expected)
     assert kl_divergence(torch.zeros(3, 4), torch.zeros(3, 4)).item() == 0.0
 
@@ -119,17 +120,48 @@ def test_each_loss_weight_scales_its_term_only(weight, loss):
             assert three[other].item() == pytest.approx(one[other].item(), rel=1e-5)
 
 
-def test_stage_one_has_no_image_chain_but_keeps_its_parameters_in_the_graph():
-    m = method(image_chain=False)
+def test_stage_one_has_no_image_chain_nor_object_noise_but_keeps_its_parameters_in_the_graph():
+    m = method(image_chain=False, object_noise=False, gen_loss="mse-all-steps")
     assert not m.needs_store and method().needs_store and not method(rec_weight=0.0).needs_store
     losses = _losses(m)
-    assert losses["loss_rec"].item() == 0.0
+    assert losses["loss_rec"].item() == 0.0 and losses["loss_kl"].item() == 0.0
     head = m.build_head(IN, D)
     out = head(torch.randn(R, IN))
     total = sum(m.losses(head, out, torch.tensor([0, 1, 2, 0, 4, 3]), vocab(), None).values())
     total.backward()
     assert all(p.grad is not None for p in head.parameters())
-    assert all(p.grad.abs().sum() == 0 for p in head.image_diffuser.parameters())
+    assert all(p.grad.abs().sum() == 0 for p in [*head.gate.parameters(), *head.vae.parameters()])
+    assert any(p.grad.abs().sum() > 0 for p in head.diffuser.parameters())
+
+
+def test_one_diffuser_serves_both_chains_and_the_image_loss_is_on_normalized_output():
+    """The reference's single ddpm_module; F.normalize before the L1 (zero_shot_classifier.py)."""
+    m = method()
+    head = m.build_head(IN, D)
+    assert not hasattr(head, "image_diffuser") and not hasattr(head, "text_diffuser")
+    regions = head(torch.randn(3, IN))
+    torch.manual_seed(1)
+    image = m.image(head, regions["object"], m.start(regions, training=True))
+    target = torch.randn(3, D)
+    distill = DistillOutputs(regions, target, torch.ones(3), torch.zeros(3, dtype=torch.long))
+    torch.manual_seed(1)
+    expected = F.l1_loss(F.normalize(image, dim=-1), F.normalize(target, dim=-1))
+    assert m.reconstruction_loss(head, regions, distill).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_stage_one_generation_loss_is_the_mse_over_every_step():
+    m, head = method(gen_loss="mse-all-steps"), None
+    head = m.build_head(IN, D)
+    labels, noise, cond = torch.tensor([0, 2, 1]), torch.randn(3, D), torch.randn(3, D)
+    text = F.normalize(vocab().embeddings, dim=-1)
+    x0 = torch.cat([torch.zeros_like(text[:1]), text])[labels]
+    per_step = []
+    for t in range(m.cfg.diffusion_steps):
+        steps = torch.full((3,), t)
+        eps = head.diffuser(head.schedule.q_sample(x0, steps, noise), steps, cond)
+        per_step.append(F.mse_loss(eps, noise))
+    expected = torch.stack(per_step).mean()
+    assert m.generation_loss(head, labels, vocab(), noise, cond).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_the_same_seed_samples_the_same_scores_and_another_seed_others():
@@ -171,11 +203,24 @@ def test_recipe_chains_three_phases_and_evaluates_over_seeds():
     assert "method.image_chain=false" in one.overrides and f"train.max_iter={first}" in one.overrides
     assert f"train.max_iter={second}" in two.overrides and two.reads["train.init_from"] == "obj-txt"
     assert f"train.max_iter={third}" in three.overrides and three.reads["train.init_from"] == "obj-img-txt"
-    assert f"train.lr={cfg.train.lr * 0.1:g}" in three.overrides
+    assert f"train.lr={cfg.train.lr * 0.1:g}" in three.overrides and "method.rec_weight=75" in three.overrides
+    assert {"method.object_noise=false", "method.gen_loss=mse-all-steps"} <= set(one.overrides)
+    assert cfg.method.rec_weight == 15.0 and cfg.train.distill_per_image == 5 and cfg.train.distill_order == "first"
     assert all(s.reads["proposals.checkpoint"] == "proposal-detector" for s in (store, one, two, three))
     assert evaluation.kind == "eval" and cfg.eval.seeds == 3 and cfg.model.neck == "fpn"
     assert load_config("experiments/cliff_coco").model.neck == "c4"
     assert load_config("experiments/cliff_coco").train.max_iter == sum(phase_lengths(570000, [3, 12, 4]))
+
+
+def test_each_phase_decays_its_lr_where_the_reference_does():
+    """60k/80k of 90k, 240k/320k of 360k, 60k/80k of 120k (the reference's three configs)."""
+    cfg = load_config("experiments/cliff_coco")
+    stages = {s.name: s for s in build_method(cfg.method).recipe(cfg)}
+    assert "train.steps=[60000, 80000]" in stages["obj-txt"].overrides
+    assert "train.steps=[240000, 320000]" in stages["obj-img-txt"].overrides
+    assert "train.steps=[60000, 80000]" in stages["final"].overrides
+    assert phase_schedule(114, [2 / 3, 8 / 9]) == ("train.max_iter=114", "train.steps=[76, 101]")
+    assert phase_schedule(1, [2 / 3, 8 / 9]) == ("train.max_iter=1", "train.steps=[]")
 
 
 def test_phase_lengths_share_the_budget():

@@ -175,7 +175,8 @@ def test_the_store_holds_filtered_clip_proposals_after_the_ground_truth(tmp_path
     kept = keep_base.propose(np.zeros((64, 64, 3), np.uint8), 7, [gt]).boxes
     iou_to_gt = [float(_iou(b, [2.0, 10.0, 30.0, 38.0])) for b in kept]
     assert max(iou_to_gt) < 0.3 and any(((b[0] + b[2]) / 2) < 32 for b in kept)  # IoU drop alone
-    assert source.fingerprint() != inner.fingerprint() and source.extra_names == ("confidence",)
+    assert source.fingerprint() != inner.fingerprint() and source.extra_names == ("confidence", "ground_truth")
+    assert got.extras["ground_truth"].tolist() == [1.0] + [0.0] * len(rest)
 
 
 def _iou(a, b) -> float:

@@ -209,7 +209,8 @@ def test_a_layer_naming_another_method_replaces_the_method_section():
     assert merge_layer(vild, {"method": {"name": "cliff"}}) == {"method": {"name": "cliff"}, "train": {"max_iter": 350}}
     assert merge_layer(vild, {"method": {"temperature": 0.02}})["method"] == {"name": "vild-text", "temperature": 0.02}
     cfg, vild_text = load_config("experiments/cliff_shapes"), load_config("experiments/vild_text_shapes")
-    assert cfg.method.name == "cliff" and cfg.train == vild_text.train.model_copy(update={"distill_per_image": 32})
+    assert cfg.method.name == "cliff" and cfg.train == vild_text.train.model_copy(
+        update={"distill_per_image": 5, "distill_order": "first", "grad_clip": 2.0})
 
 
 def test_a_layer_naming_a_method_of_the_same_family_keeps_its_knobs():
@@ -284,4 +285,5 @@ def test_family_defaults_are_replaced_silently_and_origins_are_recorded():
     assert layered.data["method"]["name"] == "cliff" and "distill_weight" not in layered.data["method"]
     assert layered.origins["method.name"] == "configs/methods/cliff.yaml"
     assert layered.origins["train.max_iter"] == "configs/experiments/vild_text_shapes.yaml"
-    assert layered.origins["train.distill_per_image"] == "configs/experiments/cliff_shapes.yaml"
+    assert layered.origins["train.distill_per_image"] == "configs/methods/cliff.yaml"
+    assert layered.origins["model.neck"] == "configs/experiments/cliff_shapes.yaml"

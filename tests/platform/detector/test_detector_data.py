@@ -157,6 +157,30 @@ def test_store_regions_clipped_weighted_and_capped(world):
     assert len(picks) > 1 and all(len(p) == 2 for p in picks)  # training: random subsets
 
 
+def test_ground_truth_rows_are_all_distilled_and_only_proposals_are_capped(world, tmp_path):
+    """EZSD's store (ground truth first, flagged): every ground-truth row every step, at most
+    ``max_distill`` proposals, random or the store's first (``distill_order``)."""
+    manifest = {"dataset": "toy", "split": "train", "proposal_source": "clip", "teacher_id": "toy",
+                "teacher_digest": "0", "crop": "plain", "content_key": "gt123"}
+    writer = RegionStoreWriter(tmp_path / "store", EMBED, manifest, extras=("confidence", "ground_truth"))
+    boxes = np.array([GT_BOX, [50, 40, 70, 55], [0, 0, 20, 20], [30, 30, 60, 50], [5, 5, 25, 40]], np.float32)
+    writer.write_part([ImageRegions(1, boxes, np.ones(5, np.float32), np.random.default_rng(1).standard_normal((5, EMBED)),
+                                    {"confidence": np.array([1.0, 1.0, 0.7, 0.6, 0.5], np.float32),
+                                     "ground_truth": np.array([1, 1, 0, 0, 0], np.float32)})])
+    writer.finalize()
+    store = RegionStore(tmp_path / "store")
+    torch.manual_seed(0)
+    random_picks = set()
+    for _ in range(10):
+        weights = item(world, 1, store=store, max_distill=1, train=True, flip_prob=0.0)[1]["distill_weights"].tolist()
+        assert len(weights) == 3 and weights[:2] == [1.0, 1.0]
+        random_picks.add(weights[2])
+    assert len(random_picks) > 1
+    for _ in range(3):
+        first = item(world, 1, store=store, max_distill=1, train=True, flip_prob=0.0, distill_order="first")[1]
+        assert first["distill_weights"].tolist() == pytest.approx([1.0, 1.0, 0.7])
+
+
 def test_image_without_annotations_is_kept_with_its_regions(world):
     dataset, store, _ = world
     ds = DetectionDataset(dataset, list(dataset.base_ids), train=False, min_size=64, max_size=200, store=store)
