@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ovdlab.methods.base import Vocabulary
-from ovdlab.platform.config import ExperimentConfig
+from ovdlab.platform.config import ExperimentConfig, calibrate
 from ovdlab.platform.data.catalog import OVDDataset
 from ovdlab.platform.data.images import load_image
 from ovdlab.platform.detector.inference import predict_images
@@ -108,9 +108,10 @@ class Predictor:
                 f"{ckpt.path} was trained against {embed_dim}-d text embeddings but teacher "
                 f"{teacher.teacher_id} gives {teacher.embed_dim}-d"
             )
-        model = build_model(ckpt.cfg, embed_dim, checkpoint_classes(ckpt.meta, embed_dim))
+        cfg = calibrate(ckpt.cfg, teacher.logit_scale)  # a given cfg may leave it to the teacher
+        model = build_model(cfg, embed_dim, checkpoint_classes(ckpt.meta, embed_dim))
         model.load_state_dict(ckpt.state_dict)
-        return cls(ckpt.cfg, model.to(dev), teacher, ckpt.meta, ckpt.path)
+        return cls(cfg, model.to(dev), teacher, ckpt.meta, ckpt.path)
 
     @classmethod
     def from_mlflow_run(
