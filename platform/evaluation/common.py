@@ -248,6 +248,24 @@ def base_named_novel(
     return 100.0 * named_novel / base_objects if base_objects else float("nan")
 
 
+def tied_top_pct(results: list[dict[str, Any]]) -> float:
+    """Percent of scored boxes whose best class score is shared by another class.
+
+    Detections of one box (same image and box: class-agnostic regression gives every
+    class the same box) are grouped; a tie at the top means the classifier cannot say
+    which class the box is. A saturated sigmoid makes them: ``sigmoid(50 cos)`` is exactly
+    1.0 in float32 from cos 0.333 on (CLIFF's reference scale on a teacher whose cosines
+    are not CLIP's). Boxes with a single detection cannot tie.
+    """
+    by_box: dict[tuple[Any, ...], list[float]] = {}
+    for det in results:
+        by_box.setdefault((det["image_id"], *map(float, det["bbox"])), []).append(float(det["score"]))
+    if not by_box:
+        return 0.0
+    tied = sum(1 for scores in by_box.values() if len(scores) > 1 and sorted(scores)[-1] == sorted(scores)[-2])
+    return 100.0 * tied / len(by_box)
+
+
 def mean_valid(values: np.ndarray) -> float:
     """Mean of the entries > -1 (the evaluators' "undefined" marker), in percent; NaN if none.
 

@@ -247,14 +247,17 @@ def _extract(cfg: ExperimentConfig, out_dir: Path) -> tuple[Path, dict[str, floa
 
 def _eval(cfg: ExperimentConfig, checkpoint: str, tracker: Tracker) -> tuple[Path, dict[str, float]]:
     """The checkpoint evaluated with ``eval.seeds`` sampling seeds from ``eval.seed`` on:
-    each seed's metrics logged at step = its seed, the mean as the stage's metrics and the
+    each seed's metrics (and ``tied_top_pct``, the boxes whose best class ties another:
+    :func:`~ovdlab.platform.evaluation.common.tied_top_pct`) logged at step = its seed, the mean as the stage's metrics and the
     sample standard deviation as ``<metric>_std`` (with one seed, its metrics)."""
+    from ovdlab.platform.evaluation.common import tied_top_pct
     from ovdlab.platform.train.evaluate import evaluate_checkpoint
 
     per_seed: list[dict[str, float]] = []
     for seed in range(cfg.eval.seed, cfg.eval.seed + cfg.eval.seeds):
         seeded = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"seed": seed})})
-        metrics = evaluate_checkpoint(checkpoint, cfg=seeded).metrics.as_dict()
+        output = evaluate_checkpoint(checkpoint, cfg=seeded)
+        metrics = {**output.metrics.as_dict(), "tied_top_pct": tied_top_pct(output.results)}
         per_seed.append(metrics)
         tracker.log_metrics({f"seeds/{k}": v for k, v in metrics.items()}, step=seed)
         log.info("eval seed %d: %s", seed, headline(metrics))

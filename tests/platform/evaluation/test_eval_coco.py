@@ -344,3 +344,27 @@ def test_base_objects_a_novel_class_wins_are_counted():
     assert m.as_dict()["base_named_novel"] == m.base_named_novel
     assert "| AP 66.3 | base objects named novel 33.3%  [2 classes" in format_split_table(m).splitlines()[0]
     assert evaluate_coco_ovd({"images": images, "annotations": anns, "categories": cats}, dets[1:4]).base_named_novel == 0.0
+
+
+def test_tied_top_counts_boxes_whose_best_class_score_is_shared():
+    """Two of three boxes tie at the top (a saturated 1.0 pair; an exact 0.4 pair below a
+    lone 0.2 would not count, only the best score matters); a single-class box cannot tie."""
+    import torch
+
+    from ovdlab.platform.evaluation.common import tied_top_pct
+
+    saturated = float(torch.sigmoid(torch.tensor([50 * 0.34, 50 * 0.9]))[0])
+    assert saturated == 1.0 == float(torch.sigmoid(torch.tensor(50 * 0.9)))
+    box, other, lone = [1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 2.0, 2.0], [0.0, 0.0, 1.0, 1.0]
+    results = [
+        {"image_id": 1, "category_id": 1, "bbox": box, "score": saturated},
+        {"image_id": 1, "category_id": 2, "bbox": box, "score": 1.0},
+        {"image_id": 1, "category_id": 1, "bbox": other, "score": 0.4},
+        {"image_id": 1, "category_id": 2, "bbox": other, "score": 0.4},
+        {"image_id": 1, "category_id": 3, "bbox": other, "score": 0.9},
+        {"image_id": 2, "category_id": 1, "bbox": box, "score": 0.7},
+    ]
+    assert tied_top_pct(results) == pytest.approx(100.0 / 3)
+    results[4]["score"] = 0.2
+    assert tied_top_pct(results) == pytest.approx(200.0 / 3)
+    assert tied_top_pct([]) == 0.0
