@@ -148,3 +148,12 @@ def test_a_bad_sweep_exits_2_naming_the_field_before_any_ray_work(capsys, monkey
 def test_compare_without_job_runs_is_one_clear_error(tmp_path, capsys):
     assert main(["compare", "--work-dir", str(tmp_path)]) == 1
     assert "no finished job runs with detection metrics in experiment 'shapes'" in capsys.readouterr().err
+
+
+def test_config_says_where_each_method_key_came_from(capsys):
+    assert main(["config", "ezsd_shapes", "method.distill_weight=2"]) == 0
+    out = capsys.readouterr().out
+    assert "# method.name: configs/methods/ezsd.yaml" in out
+    assert "# method.distill_weight: command line" in out
+    assert "# method.temperature: the method's default (set from the teacher's logit scale" in out
+    assert "temperature: null" in out
