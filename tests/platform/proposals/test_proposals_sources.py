@@ -73,8 +73,9 @@ def test_ground_truth_joins_another_sources_proposals_first(dataset):
     p = source.propose(IMAGE, 3, dataset.annotations(3))
     np.testing.assert_array_equal(p.boxes, [[10, 5, 30, 35], [50, 10, 60, 20], [1, 1, 9, 9], [20, 20, 40, 50]])
     np.testing.assert_allclose(p.scores, [1, 1, 0.9, 0.4])
-    assert p.extras == {} and source.name == "rpn" and source.extra_names == ()
-    assert source.fingerprint() == {"checkpoint": "x", "with_ground_truth": True}
+    np.testing.assert_array_equal(p.extras["ground_truth"], [1, 1, 0, 0])  # every GT row distilled, flagged
+    assert set(p.extras) == {"ground_truth"} and source.name == "rpn" and source.extra_names == ("ground_truth",)
+    assert source.fingerprint() == {"checkpoint": "x", "with_ground_truth": "ground_truth"}
     assert len(source.propose(IMAGE, 7, dataset.annotations(7))) == 2  # no annotations: the proposals alone
     assert pickle.loads(pickle.dumps(source)).fingerprint() == source.fingerprint()
 
