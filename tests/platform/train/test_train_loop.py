@@ -215,3 +215,22 @@ def test_distillation_regions_per_image_reach_the_training_data(tiny_cfg_factory
         ensure_dataset(cfg)
         loader, _ = _train_loader(cfg, load_dataset(cfg, "train"), [1, 2], None, LocalSession(cfg.work_path("s")))
         assert loader.dataset.inner.max_distill == cap
+
+
+def test_preparation_calibrates_the_method_to_its_teacher(tiny_cfg_factory):
+    """The temperature left to the teacher (None in every shipped config) is 1 / the loaded
+    teacher's logit scale in the config the workers get and the run logs; the text-bank
+    file carries the scale for the loop; a number the user set is kept."""
+    from ovdlab.platform.config import dump_yaml
+    from ovdlab.platform.train.loop import load_text_banks
+    from ovdlab.platform.train.trainer import load_training_teacher
+
+    cfg = tiny_cfg_factory()
+    assert cfg.method.temperature is None
+    prepared = prepare_training(cfg, cfg.work_path("calibrated"))
+    scale = load_training_teacher(cfg)[0].logit_scale
+    assert load_text_banks(prepared.text_path)["teacher_logit_scale"] == pytest.approx(scale)
+    assert prepared.cfg.method.temperature == pytest.approx(1 / scale)
+    assert f"temperature: {prepared.cfg.method.temperature}" in dump_yaml(prepared.cfg)
+    fixed = tiny_cfg_factory(["method.temperature=0.05"])
+    assert prepare_training(fixed, fixed.work_path("fixed")).cfg.method.temperature == 0.05
