@@ -73,7 +73,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     print(dump_yaml(cfg), end="")
     origins = load_layered(args.config).origins
     overridden = {".".join(parse_override(text)[0]) for text in args.overrides}
-    for key in cfg.method.model_fields:
+    for key in type(cfg.method).model_fields:
         dotted = f"method.{key}"
         where = "command line" if dotted in overridden else origins.get(dotted, "the method's default")
         if key in uncalibrated(cfg.method):

@@ -150,7 +150,7 @@ def test_one_diffuser_serves_both_chains_and_the_image_loss_is_on_normalized_out
 
 
 def test_stage_one_generation_loss_is_the_mse_over_every_step():
-    m, head = method(gen_loss="mse-all-steps"), None
+    m = method(gen_loss="mse-all-steps")
     head = m.build_head(IN, D)
     labels, noise, cond = torch.tensor([0, 2, 1]), torch.randn(3, D), torch.randn(3, D)
     text = F.normalize(vocab().embeddings, dim=-1)
